@@ -1,0 +1,427 @@
+"""Train a pruned SNN: search -> subnetwork -> fine-tune -> test + energy report (method.md §6).
+
+    python -m launcher.train --config configs/demo.yaml [section.key=value ...]
+
+The same module runs under torchrun, the deepspeed launcher and srun (launcher.distributed
+reads whichever environment is present). Starting the same `checkpoint.run_dir` again resumes
+from its `latest` checkpoint into the same MLflow run. SIGTERM / SIGUSR1 make every rank save
+and exit with launcher.checkpoint.EXIT_TERMINATED / EXIT_REQUEUE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from data_pipeline import DataError
+from data_pipeline.loaders import make_loaders
+from launcher.budget import BudgetController
+from launcher.checkpoint import (CheckpointError, PreemptionHandler, TrainState, atomic_torch_save,
+                                 find_resumable, load_checkpoint, safe_load, save_checkpoint)
+from launcher.config import Config, ConfigError, flatten, load_config, save_config
+from launcher.distributed import barrier, is_primary, reduce_scalars, setup_distributed
+from launcher.ds_config import build_ds_config, build_optimizer, freeze, lr_at, set_lr
+from launcher.progress import Progress
+from launcher.reports import mask_histogram_png
+from launcher.tracking import Tracker
+from model import build_model
+from model.energy import measure_energy
+from model.masks import MaskError, keep_ratios, mask_logits, save_masks, set_beta, set_mask_mode, weight_params
+from model.masks import beta_at
+from model.penalty import energy_penalty, penalty_terms
+
+
+class Preempted(Exception):
+    """Raised after a signal-triggered checkpoint; carries the process exit code."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"stopped by signal after saving a checkpoint (exit {exit_code})")
+        self.exit_code = exit_code
+
+
+@dataclass
+class Ctx:
+    """What the phases share; built once by `train`."""
+
+    cfg: Config
+    engine: object
+    net: torch.nn.Module
+    loaders: dict
+    tracker: Tracker
+    state: TrainState
+    stop: PreemptionHandler
+    device: torch.device
+    dtype: torch.dtype
+    steps_per_epoch: int
+    reporter: Callable[[dict], None] | None
+    budget: BudgetController | None
+    progress: Progress
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def ensure_demo_data(cfg: Config) -> None:
+    """The demo set is bundled offline (Debian's Fashion-MNIST): write it on first use."""
+    if cfg.data.dataset != "demo" or (Path(cfg.data.data_dir) / "train.beton").exists():
+        return
+    if is_primary():
+        from data_pipeline.images import write_demo
+
+        print(f"writing the demo data set to {cfg.data.data_dir} (once)", flush=True)
+        write_demo(out_dir=cfg.data.data_dir, seed=cfg.data.seed)
+    barrier()
+
+
+@torch.no_grad()
+def dense_reference_sops(ref: float | str | None, tracker: Tracker) -> float | None:
+    """The dense run's SOPs per sample: given as a number, or read from its MLflow run."""
+    if ref is None or isinstance(ref, (int, float)):
+        return ref
+    import mlflow
+
+    try:
+        run = mlflow.MlflowClient(tracker.tracking_uri).get_run(ref)
+    except Exception as exc:
+        raise ConfigError(f"pruning.dense_reference: MLflow run {ref!r} not found at "
+                          f"{tracker.tracking_uri} ({type(exc).__name__})") from None
+    if "sops_per_sample" not in run.data.metrics:
+        raise ConfigError(f"pruning.dense_reference: run {ref} has no sops_per_sample metric")
+    return float(run.data.metrics["sops_per_sample"])
+
+
+@torch.no_grad()
+def evaluate(ctx: Ctx, split: str, mode: str) -> dict[str, float]:
+    """Top-1/top-5 over this rank's shard, summed over ranks (exact: shards are disjoint)."""
+    net, cfg = ctx.net, ctx.cfg
+    net.eval()
+    set_mask_mode(net, mode)
+    correct1 = correct5 = n = 0
+    for i, (x, y) in enumerate(ctx.loaders[split]):
+        if cfg.eval_batches_limit is not None and i >= cfg.eval_batches_limit:
+            break
+        scores = net.logits(net(x.to(ctx.device, ctx.dtype)))
+        top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+        y = y.to(top.device)
+        correct1 += int((top[:, 0] == y).sum())
+        correct5 += int((top == y[:, None]).any(1).sum())
+        n += len(y)
+    s = reduce_scalars({"c1": correct1, "c5": correct5, "n": n}, op="sum")
+    net.train()
+    return {"top1": s["c1"] / max(s["n"], 1), "top5": s["c5"] / max(s["n"], 1), "n": s["n"]}
+
+
+def energy_on(ctx: Ctx, split: str, dense_sops: float | None):
+    """Energy report with hard masks on `split`: each rank counts its shard, per-layer sums are
+    reduced so every rank holds the report of the whole split."""
+    report = measure_energy(ctx.net, ((x.to(ctx.device, ctx.dtype), y) for x, y in ctx.loaders[split]),
+                            max_batches=ctx.cfg.eval_batches_limit, dense_reference_sops=dense_sops)
+    n = report.samples
+    sums = {"n": n}
+    for i, row in enumerate(report.layers):
+        sums.update({f"{i}.sops": row.sops_per_sample * n, f"{i}.macs": row.macs_per_sample * n,
+                     f"{i}.rate": (row.firing_rate or 0.0) * n})
+    sums = reduce_scalars(sums, op="sum")
+    total = max(sums["n"], 1)
+    for i, row in enumerate(report.layers):
+        row.sops_per_sample, row.macs_per_sample = sums[f"{i}.sops"] / total, sums[f"{i}.macs"] / total
+        if row.firing_rate is not None:
+            row.firing_rate = sums[f"{i}.rate"] / total
+    report.samples = int(sums["n"])
+    return report
+
+
+def phase_epochs(cfg: Config, phase: str) -> int:
+    if not cfg.pruning.enabled:
+        return cfg.pruning.search_epochs + cfg.pruning.finetune_epochs if phase == "finetune" else 0
+    return cfg.pruning.search_epochs if phase == "search" else cfg.pruning.finetune_epochs
+
+
+def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
+    """One epoch of `phase`, resuming after `state.batch_in_epoch` micro-batches if set."""
+    cfg, engine, net, state = ctx.cfg, ctx.engine, ctx.net, ctx.state
+    search = phase == "search"
+    loader = ctx.loaders["train"]
+    loader.next_epoch = ctx.state.extra.get("loader_epoch", 0)  # FFCV's order is seeded by epoch
+    micro_per_epoch = ctx.steps_per_epoch * cfg.optim.grad_accum
+    base_lr = cfg.optim.lr if search else cfg.optim.finetune_lr
+    terms = penalty_terms(net) if search else None
+    net.train()
+    bar = ctx.progress(phase, epoch, micro_per_epoch, state.batch_in_epoch)
+    loss_sum, seen = 0.0, 0
+    for i, (x, y) in enumerate(loader):
+        if i < state.batch_in_epoch:
+            continue  # already trained on before the interruption
+        if i >= micro_per_epoch:
+            break
+        phase_step = state.search_step if search else state.step - state.extra.get("finetune_start", 0)
+        set_lr(engine.optimizer, "weight", lr_at(phase_step, total_steps, base_lr, cfg.optim.schedule))
+        metrics = {}
+        if search:
+            beta = beta_at(state.search_step, total_steps, cfg.pruning.beta_0, cfg.pruning.beta_T)
+            set_beta(net, beta)
+            metrics["beta"] = beta
+        out = engine(x.to(ctx.device, ctx.dtype))
+        task = net.loss(out.float(), y.to(ctx.device))
+        loss = task
+        if search:
+            lw, ln = ctx.budget.lambdas() if ctx.budget else (cfg.pruning.lambda_w, cfg.pruning.lambda_n)
+            penalty = energy_penalty(net, lw, ln, terms)
+            loss = task + penalty
+            metrics.update(penalty=float(penalty), lambda_w=lw, lambda_n=ln)
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(loss)
+        engine.step()
+        state.batch_in_epoch = i + 1
+        loss_sum, seen = loss_sum + float(task), seen + 1
+        if not boundary:
+            continue
+        state.step += 1
+        if search:
+            state.search_step += 1
+            if ctx.budget and state.search_step % ctx.budget.every == 0:
+                metrics["budget_sops"] = ctx.budget.observe(net, x.to(ctx.device, ctx.dtype))
+        metrics["train_loss"] = float(task)
+        ctx.tracker.log_metrics(metrics, step=state.step)
+        bar.update(loss=float(task), **{k: metrics[k] for k in ("beta",) if k in metrics})
+        if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+            save(ctx)
+        if ctx.stop.should_stop():
+            save(ctx)
+            raise Preempted(ctx.stop.exit_code)
+    bar.close()
+    return loss_sum / max(seen, 1)
+
+
+def save(ctx: Ctx, tag: str | None = None) -> None:
+    if ctx.budget:
+        ctx.state.extra["budget"] = ctx.budget.state_dict()
+    save_checkpoint(ctx.engine, ctx.cfg.checkpoint.run_dir, ctx.state, ctx.cfg,
+                    keep_last=ctx.cfg.checkpoint.keep_last, tag=tag)
+
+
+def end_of_epoch(ctx: Ctx, phase: str, epoch: int, train_loss: float) -> dict:
+    """Validation (soft and hard masks), structure and SOPs; logged, reported to Tune."""
+    net, cfg = ctx.net, ctx.cfg
+    pruning = cfg.pruning.enabled
+    metrics = {"epoch_train_loss": train_loss}
+    if pruning and phase == "search":
+        metrics["val_top1"] = evaluate(ctx, "val", "soft")["top1"]
+        metrics["val_top1_hard"] = evaluate(ctx, "val", "hard")["top1"]
+    else:
+        metrics["val_top1"] = metrics["val_top1_hard"] = evaluate(ctx, "val", "hard" if pruning else "off")["top1"]
+    report = energy_on(ctx, "val", None)
+    metrics.update(weight_keep=report.weight_keep, neuron_keep=report.neuron_keep,
+                   connectivity=report.connectivity, sops_per_sample=report.sops_per_sample)
+    set_mask_mode(net, "soft" if pruning and phase == "search" else ("hard" if pruning else "off"))
+    ctx.tracker.log_metrics(metrics, step=ctx.state.step)
+    if is_primary():
+        print(f"[{phase} {epoch + 1}] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+    if ctx.reporter is not None:
+        ctx.reporter({"phase": phase, "epoch": epoch, "step": ctx.state.step, **metrics})
+    return metrics
+
+
+def run_phase(ctx: Ctx, phase: str) -> None:
+    cfg, state = ctx.cfg, ctx.state
+    epochs = phase_epochs(cfg, phase)
+    total_steps = epochs * ctx.steps_per_epoch
+    best_path = Path(cfg.checkpoint.run_dir) / "best_model.pt"
+    while state.epoch < epochs:
+        train_loss = run_epoch(ctx, phase, state.epoch, total_steps)
+        metrics = end_of_epoch(ctx, phase, state.epoch, train_loss)
+        if phase == "finetune" and (state.best_val_top1 is None or metrics["val_top1"] > state.best_val_top1):
+            state.best_val_top1, state.best_epoch = metrics["val_top1"], state.epoch
+            if is_primary():
+                atomic_torch_save(ctx.net.state_dict(), best_path)
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        state.extra["loader_epoch"] = state.extra.get("loader_epoch", 0) + 1
+        save(ctx)
+
+
+def _take(loader, n: int) -> list:
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def harden_subnetwork(ctx: Ctx) -> None:
+    """End of search: masks hardened and frozen, weight LR reset, optimizer state kept."""
+    cfg, state = ctx.cfg, ctx.state
+    set_mask_mode(ctx.net, "hard")
+    freeze(ctx.engine.optimizer, "mask")
+    state.phase, state.epoch, state.batch_in_epoch = "finetune", 0, 0
+    state.extra["finetune_start"] = state.step
+    if ctx.budget:
+        calibration = [x.to(ctx.device, ctx.dtype) for x, _ in _take(ctx.loaders["train"], 4)]
+        found = ctx.budget.calibrate(ctx.net, [(x,) for x in calibration])
+        ctx.tracker.log_metrics(found, step=state.step)
+    run_dir = Path(cfg.checkpoint.run_dir)
+    if is_primary():
+        save_masks(ctx.net, run_dir / "masks.spm", cfg.model.name)
+        mask_histogram_png(ctx.net, run_dir / "mask_histograms.png")
+        ctx.tracker.log_artifact(run_dir / "masks.spm")
+        ctx.tracker.log_artifact(run_dir / "mask_histograms.png")
+    save(ctx, tag="subnetwork")
+    save(ctx)
+
+
+def final_report(ctx: Ctx) -> dict:
+    """Best fine-tune epoch (chosen on validation) -> one test evaluation + energy report."""
+    cfg, run_dir = ctx.cfg, Path(ctx.cfg.checkpoint.run_dir)
+    best_path = run_dir / "best_model.pt"
+    barrier()
+    if best_path.exists():
+        ctx.net.load_state_dict(safe_load(best_path, map_location=ctx.device))
+    mode = "hard" if cfg.pruning.enabled else "off"
+    test = evaluate(ctx, "test", mode)
+    dense = dense_reference_sops(cfg.pruning.dense_reference, ctx.tracker)
+    report = energy_on(ctx, "test", dense)
+    results = {"test_top1": test["top1"], "test_top5": test["top5"],
+               "best_val_top1": ctx.state.best_val_top1, "best_epoch": ctx.state.best_epoch,
+               **report.metrics()}
+    if is_primary():
+        report.to_json(run_dir / "energy_report.json")
+        report.plot(run_dir / "energy_per_layer.png")
+        print(report.table(), flush=True)
+        ctx.tracker.log_metrics({k: v for k, v in results.items() if isinstance(v, (int, float))},
+                                step=ctx.state.step)
+        ctx.tracker.log_artifact(run_dir / "energy_report.json")
+        ctx.tracker.log_artifact(run_dir / "energy_per_layer.png")
+        if best_path.exists():
+            ctx.tracker.log_checkpoint(best_path)
+        (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        print(f"browse the run: {ctx.tracker.ui_command()}", flush=True)
+    ctx.state.phase = "done"
+    save(ctx)
+    return results
+
+
+def train(cfg: Config, reporter: Callable[[dict], None] | None = None, local_rank: int | None = None,
+          parent_run_id: str | None = None) -> dict:
+    """The whole learning process; returns the final metrics (tuning/ calls this directly,
+    `reporter` receiving every epoch's metrics, `parent_run_id` nesting the MLflow run)."""
+    import deepspeed
+
+    info = setup_distributed(local_rank)
+    seed_everything(cfg.seed)
+    run_dir = Path(cfg.checkpoint.run_dir)
+    if is_primary():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    ensure_demo_data(cfg)
+    loaders = make_loaders(cfg.data.dataset, cfg.data.data_dir, batch_size=cfg.data.batch_size,
+                           num_workers=cfg.data.num_workers, order=cfg.data.order, os_cache=cfg.data.os_cache,
+                           distributed=info.world_size > 1, device=info.device, seed=cfg.data.seed,
+                           image_size=cfg.data.image_size)
+    for split in ("train", "val", "test"):
+        if split not in loaders:
+            raise DataError(f"{cfg.data.data_dir}: {split}.beton is missing")
+    p = cfg.pruning
+    net = build_model(cfg.model.name, num_classes=cfg.model.num_classes, T=cfg.model.T,
+                      width=cfg.model.width, input_size=cfg.model.input_size,
+                      weight_masks=p.enabled and p.prune_weights, neuron_masks=p.enabled and p.prune_neurons)
+    if not p.enabled:
+        set_mask_mode(net, "off")
+    optimizer = build_optimizer(mask_logits(net), weight_params(net), cfg)
+    ds_config = build_ds_config(cfg, info.world_size, info.on_gpu)
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+
+    state = TrainState(phase="search" if p.enabled and p.search_epochs > 0 else "finetune")
+    ckpt = find_resumable(run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(engine, ckpt)
+        if is_primary():
+            print(f"resuming from {ckpt.path} (step {state.step}, {state.phase} epoch {state.epoch + 1})",
+                  flush=True)
+    tracker = Tracker(cfg.tracking, info.rank, run_dir, run_id=state.mlflow_run_id,
+                      parent_run_id=parent_run_id)
+    if ckpt is None:
+        tracker.log_params(flatten(cfg))
+    state.mlflow_run_id = tracker.run_id
+
+    batches = len(loaders["train"])
+    micro = min(batches, cfg.steps_per_epoch_limit * cfg.optim.grad_accum) if cfg.steps_per_epoch_limit else batches
+    steps_per_epoch = micro // cfg.optim.grad_accum
+    if steps_per_epoch == 0:
+        raise DataError(f"{cfg.data.data_dir}/train.beton gives {batches} batches per rank: fewer than "
+                        f"grad_accum={cfg.optim.grad_accum}; lower data.batch_size")
+    budget = None
+    if p.enabled and p.sop_budget is not None:
+        budget = BudgetController(p.sop_budget, p.lambda_w, p.lambda_n)
+        if "budget" in state.extra:
+            budget.load_state_dict(state.extra["budget"])
+    if is_primary():
+        from model.structure import connectivity
+
+        conn = connectivity(net)
+        print(f"world_size={info.world_size} backend={info.backend} device={info.device} dtype={dtype}\n"
+              f"global_batch={ds_config['train_batch_size']} (micro {cfg.data.batch_size} x accum "
+              f"{cfg.optim.grad_accum} x world {info.world_size}) steps/epoch={steps_per_epoch} "
+              f"train samples/rank={loaders['train'].num_samples}\n"
+              f"model={cfg.model.name} width={cfg.model.width} T={cfg.model.T} "
+              f"dense connections/step={conn.dense_total:,.0f}", flush=True)
+
+    ctx = Ctx(cfg, engine, net, loaders, tracker, state, PreemptionHandler(), info.device, dtype,
+              steps_per_epoch, reporter, budget, Progress(enabled=is_primary()))
+    with ctx.stop:
+        try:
+            if state.phase == "search":
+                set_mask_mode(net, "soft")
+                run_phase(ctx, "search")
+                harden_subnetwork(ctx)
+            if state.phase == "finetune":
+                if p.enabled:
+                    set_mask_mode(net, "hard")
+                    freeze(engine.optimizer, "mask")
+                run_phase(ctx, "finetune")
+                results = final_report(ctx)
+            else:  # started again after it had finished
+                results = json.loads((run_dir / "results.json").read_text())
+        except Preempted:
+            tracker.finish("KILLED")
+            raise
+        except Exception:
+            tracker.finish("FAILED")
+            raise
+    tracker.finish()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML file under configs/")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, local_rank=args.local_rank)
+    except Preempted as p:
+        print(str(p), file=sys.stderr, flush=True)
+        return p.exit_code
+    except (ConfigError, DataError, CheckpointError, MaskError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
