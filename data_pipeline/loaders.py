@@ -22,11 +22,12 @@ _torch_threads = torch.get_num_threads()  # importing FFCV sets torch to 1 threa
 from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,  # noqa: E402
                                   RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder)
 from ffcv.loader import Loader, OrderOption  # noqa: E402
-from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor  # noqa: E402
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor  # noqa: E402
 
 from data_pipeline import DataError  # noqa: E402
 from data_pipeline.inspect import open_beton  # noqa: E402
 from data_pipeline.splits import SPLITS  # noqa: E402
+from data_pipeline.seeded_augment import SeededCropFlip  # noqa: E402
 from data_pipeline.transforms import NormalizeToCHW  # noqa: E402
 
 torch.set_num_threads(_torch_threads)
@@ -112,7 +113,8 @@ def build_loader(path: str | os.PathLike, pipelines: dict, *, train: bool, batch
     return loader
 
 
-def image_pipelines(dataset: str, *, train: bool, device: torch.device, image_size: int | None = None) -> dict:
+def image_pipelines(dataset: str, *, train: bool, device: torch.device, image_size: int | None = None,
+                    seed: int = 0) -> dict:
     """FFCV pipelines for the ``image`` and ``label`` fields of an image dataset."""
     if dataset == "imagenet":
         size = (image_size or IMAGENET_SIZE,) * 2
@@ -124,7 +126,8 @@ def image_pipelines(dataset: str, *, train: bool, device: torch.device, image_si
             raise DataError(f"image_size={image_size}: {dataset} images are stored at 32x32; "
                             f"image_size applies to imagenet")
         decoder = SimpleRGBImageDecoder()
-        augment = [RandomTranslate(padding=4), RandomHorizontalFlip()] if train else []
+        # seeded, so that a resumed run sees the crops an uninterrupted one would
+        augment = [SeededCropFlip(padding=4, seed=seed)] if train else []
     image = [decoder, *augment, NormalizeToCHW(*NORMALIZATION[dataset]), ToTensor()]
     label = [IntDecoder(), ToTensor(), Squeeze(1)]
     if device.type == "cuda":
@@ -158,7 +161,7 @@ def make_loaders(dataset: str, data_dir: str | os.PathLike, *, batch_size: int, 
     if not paths:
         raise DataError(f"{data_dir}: no train/val/test.beton here; write them with "
                         f"python -m data_pipeline.write {dataset.replace('_', '-')} --out {data_dir}")
-    return {split: build_loader(path, image_pipelines(dataset, train=split == "train", device=device,
+    return {split: build_loader(path, image_pipelines(dataset, train=split == "train", device=device, seed=seed,
                                                       image_size=image_size),
                                 train=split == "train", batch_size=batch_size, num_workers=num_workers,
                                 order=order, os_cache=os_cache, drop_last=drop_last, distributed=distributed,

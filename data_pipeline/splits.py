@@ -109,9 +109,10 @@ def write_beton(out_path: str | os.PathLike, dataset, fields: Mapping, *,
     """Write ``dataset[i] for i in indices`` (in that order) to ``out_path`` atomically.
 
     ``dataset[i]`` returns one value per field, in the order of ``fields`` (e.g. an HxWx3
-    uint8 image and an int label). ``max_sample_bytes``: the largest stored sample, when it
-    may exceed FFCV's default 8 MiB page. Returns the number of samples written. Any sample
-    that fails to read aborts the write with a DataError naming the first failures.
+    uint8 image and an int label). ``max_sample_bytes``: a bound on one stored sample; pages
+    grow to hold it (FFCV's writer hangs on a sample larger than its 8 MiB default page).
+    Returns the number of samples written. Any sample that fails to read aborts the write
+    with a DataError naming the first failures.
     """
     from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
@@ -123,7 +124,7 @@ def write_beton(out_path: str | os.PathLike, dataset, fields: Mapping, *,
         errors_path = tmp.with_name(tmp.name + ".errors")
         try:
             template = dataset[int(indices[0])]
-            page_size = max(4 * MIN_PAGE_SIZE, 1 << (max_sample_bytes - 1).bit_length())
+            page_size = max(4 * MIN_PAGE_SIZE, 1 << max(0, max_sample_bytes - 1).bit_length())
             writer = DatasetWriter(str(tmp), dict(fields), page_size=page_size, num_workers=num_workers)
             writer.from_indexed_dataset(_Guarded(dataset, template, errors_path), indices=indices.tolist(),
                                         chunksize=_chunksize(len(indices), num_workers))

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -64,6 +66,7 @@ class Ctx:
     reporter: Callable[[dict], None] | None
     budget: BudgetController | None
     progress: Progress
+    dense_sops: float | None  # the dense reference's SOPs per sample, for the energy ratio
 
 
 def seed_everything(seed: int) -> None:
@@ -84,7 +87,6 @@ def ensure_demo_data(cfg: Config) -> None:
     barrier()
 
 
-@torch.no_grad()
 def dense_reference_sops(ref: float | str | None, tracker: Tracker) -> float | None:
     """The dense run's SOPs per sample: given as a number, or read from its MLflow run."""
     if ref is None or isinstance(ref, (int, float)):
@@ -149,20 +151,23 @@ def phase_epochs(cfg: Config, phase: str) -> int:
 
 
 def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
-    """One epoch of `phase`, resuming after `state.batch_in_epoch` micro-batches if set."""
+    """One epoch of `phase`, resuming after `state.batch_in_epoch` micro-batches if set.
+    Returns the mean task loss over the epoch's micro-batches and ranks."""
     cfg, engine, net, state = ctx.cfg, ctx.engine, ctx.net, ctx.state
     search = phase == "search"
     loader = ctx.loaders["train"]
-    loader.next_epoch = ctx.state.extra.get("loader_epoch", 0)  # FFCV's order is seeded by epoch
+    loader.next_epoch = state.extra.get("loader_epoch", 0)  # FFCV's order is seeded by epoch
     micro_per_epoch = ctx.steps_per_epoch * cfg.optim.grad_accum
     base_lr = cfg.optim.lr if search else cfg.optim.finetune_lr
     terms = penalty_terms(net) if search else None
     net.train()
-    bar = ctx.progress(phase, epoch, micro_per_epoch, state.batch_in_epoch)
-    loss_sum, seen = 0.0, 0
-    for i, (x, y) in enumerate(loader):
+    # The epoch's loss sum lives in the state so that a resumed epoch reports the whole epoch.
+    if state.batch_in_epoch == 0:
+        state.extra["epoch_loss"] = [0.0, 0]
+    bar = ctx.progress(phase, epoch, ctx.steps_per_epoch, state.batch_in_epoch // cfg.optim.grad_accum)
+    for i, (x, y) in enumerate(loader if state.batch_in_epoch < micro_per_epoch else ()):
         if i < state.batch_in_epoch:
-            continue  # already trained on before the interruption
+            continue  # trained on before the interruption; read anyway to keep the data stream
         if i >= micro_per_epoch:
             break
         phase_step = state.search_step if search else state.step - state.extra.get("finetune_start", 0)
@@ -179,32 +184,59 @@ def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
             lw, ln = ctx.budget.lambdas() if ctx.budget else (cfg.pruning.lambda_w, cfg.pruning.lambda_n)
             penalty = energy_penalty(net, lw, ln, terms)
             loss = task + penalty
-            metrics.update(penalty=float(penalty), lambda_w=lw, lambda_n=ln)
+            metrics.update(penalty=penalty.item(), lambda_w=lw, lambda_n=ln)
         boundary = engine.is_gradient_accumulation_boundary()
         engine.backward(loss)
         engine.step()
         state.batch_in_epoch = i + 1
-        loss_sum, seen = loss_sum + float(task), seen + 1
+        state.extra["epoch_loss"] = [state.extra["epoch_loss"][0] + task.item(), state.extra["epoch_loss"][1] + 1]
         if not boundary:
             continue
         state.step += 1
+        sync_buffers(net)
         if search:
             state.search_step += 1
             if ctx.budget and state.search_step % ctx.budget.every == 0:
                 metrics["budget_sops"] = ctx.budget.observe(net, x.to(ctx.device, ctx.dtype))
-        metrics["train_loss"] = float(task)
+        # Every rank saw a different batch: log the mean over ranks (one small all-reduce).
+        metrics["train_loss"] = reduce_scalars({"loss": task.item()})["loss"]
         ctx.tracker.log_metrics(metrics, step=state.step)
-        bar.update(loss=float(task), **{k: metrics[k] for k in ("beta",) if k in metrics})
+        bar.update(loss=metrics["train_loss"], **{k: metrics[k] for k in ("beta",) if k in metrics})
         if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
             save(ctx)
         if ctx.stop.should_stop():
             save(ctx)
             raise Preempted(ctx.stop.exit_code)
     bar.close()
-    return loss_sum / max(seen, 1)
+    total, n = state.extra["epoch_loss"]
+    return reduce_scalars({"loss": total / max(n, 1)})["loss"]
+
+
+def sync_buffers(net: torch.nn.Module) -> None:
+    """Average the floating buffers (BatchNorm running statistics) over ranks, in place.
+
+    DeepSpeed keeps parameters equal on every rank, not buffers, which each rank updates from
+    its own batches; without this, ranks would evaluate different models and a checkpoint
+    (rank 0's module) would not continue exactly. Done every optimizer step, the running mean
+    is the one of the global batch, whatever the world size.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    bufs = [b for b in net.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+        b.copy_(v.view_as(b))
 
 
 def save(ctx: Ctx, tag: str | None = None) -> None:
+    # The run id can appear late (store unreachable at start); rank 0's state is the one saved.
+    ctx.state.mlflow_run_id = ctx.tracker.run_id or ctx.state.mlflow_run_id
     if ctx.budget:
         ctx.state.extra["budget"] = ctx.budget.state_dict()
     save_checkpoint(ctx.engine, ctx.cfg.checkpoint.run_dir, ctx.state, ctx.cfg,
@@ -290,8 +322,7 @@ def final_report(ctx: Ctx) -> dict:
         ctx.net.load_state_dict(safe_load(best_path, map_location=ctx.device))
     mode = "hard" if cfg.pruning.enabled else "off"
     test = evaluate(ctx, "test", mode)
-    dense = dense_reference_sops(cfg.pruning.dense_reference, ctx.tracker)
-    report = energy_on(ctx, "test", dense)
+    report = energy_on(ctx, "test", ctx.dense_sops)
     results = {"test_top1": test["top1"], "test_top5": test["top5"],
                "best_val_top1": ctx.state.best_val_top1, "best_epoch": ctx.state.best_epoch,
                **report.metrics()}
@@ -299,14 +330,17 @@ def final_report(ctx: Ctx) -> dict:
         report.to_json(run_dir / "energy_report.json")
         report.plot(run_dir / "energy_per_layer.png")
         print(report.table(), flush=True)
+        # One step past training: the last epoch already logged its validation
+        # sops_per_sample etc. at state.step, and a (key, step) pair is only stored once.
         ctx.tracker.log_metrics({k: v for k, v in results.items() if isinstance(v, (int, float))},
-                                step=ctx.state.step)
+                                step=ctx.state.step + 1)
         ctx.tracker.log_artifact(run_dir / "energy_report.json")
         ctx.tracker.log_artifact(run_dir / "energy_per_layer.png")
         if best_path.exists():
             ctx.tracker.log_checkpoint(best_path)
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-        print(f"browse the run: {ctx.tracker.ui_command()}", flush=True)
+        if ctx.tracker.active:
+            print(f"browse the run: {ctx.tracker.ui_command()}", flush=True)
     ctx.state.phase = "done"
     save(ctx)
     return results
@@ -354,7 +388,8 @@ def train(cfg: Config, reporter: Callable[[dict], None] | None = None, local_ran
                       parent_run_id=parent_run_id)
     if ckpt is None:
         tracker.log_params(flatten(cfg))
-    state.mlflow_run_id = tracker.run_id
+    state.mlflow_run_id = tracker.run_id or state.mlflow_run_id
+    dense_sops = dense_reference_sops(p.dense_reference, tracker)  # fail now, not after training
 
     batches = len(loaders["train"])
     micro = min(batches, cfg.steps_per_epoch_limit * cfg.optim.grad_accum) if cfg.steps_per_epoch_limit else batches
@@ -378,8 +413,10 @@ def train(cfg: Config, reporter: Callable[[dict], None] | None = None, local_ran
               f"model={cfg.model.name} width={cfg.model.width} T={cfg.model.T} "
               f"dense connections/step={conn.dense_total:,.0f}", flush=True)
 
-    ctx = Ctx(cfg, engine, net, loaders, tracker, state, PreemptionHandler(), info.device, dtype,
-              steps_per_epoch, reporter, budget, Progress(enabled=is_primary()))
+    # Signal handlers can only be set from the main thread (not in a Ray Tune worker thread).
+    signals = (signal.SIGTERM, signal.SIGUSR1) if threading.current_thread() is threading.main_thread() else ()
+    ctx = Ctx(cfg, engine, net, loaders, tracker, state, PreemptionHandler(signals), info.device, dtype,
+              steps_per_epoch, reporter, budget, Progress(enabled=is_primary()), dense_sops)
     with ctx.stop:
         try:
             if state.phase == "search":

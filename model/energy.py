@@ -291,16 +291,18 @@ class SOPCounter:
         self.net = net
         self.samples = 0
         self._handles: list = []
-        self._inputs: dict[str, torch.Tensor] = {}
-        self._slices: dict[str, int] = {}
-        self._spikes: dict[str, torch.Tensor] = {}
-        self._elements: dict[str, int] = {}
 
     def __enter__(self) -> SOPCounter:
+        """Start a fresh count: read the masks' structure and hook the net."""
         soft = [name for name, m in masked_modules(self.net) if m.logits is not None and m.mode == "soft"]
         if soft:
             raise MaskError(f"SOPCounter needs hard (or off) masks, {soft[0]} is soft: "
                             "call masks.set_mask_mode(net, 'hard') first")
+        self.samples = 0
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._slices: dict[str, int] = {}
+        self._spikes: dict[str, torch.Tensor] = {}
+        self._elements: dict[str, int] = {}
         self._snapshot()
         self._handles.append(self.net.register_forward_pre_hook(self._count_samples))
         for name, layer in weight_layers(self.net):
@@ -327,9 +329,9 @@ class SOPCounter:
         self.weight_keep, self.neuron_keep = (1.0, 1.0) if dense_run else keep_ratios(net)
         owners = _owners(net)
         layers = weight_layers(net)
-        first_counted = next((i for i, (_, l) in enumerate(layers) if l.counted), len(layers))
+        first_counted = next((i for i, (_, lay) in enumerate(layers) if lay.counted), len(layers))
         # the first layer sees pixels / event frames: it costs MACs, not SOPs
-        self._first = {name for name, l in layers[:first_counted] if not l.counted}
+        self._first = {name for name, lay in layers[:first_counted] if not lay.counted}
         self._layers, self._fanout, self._rate_of, self._blocks = [], {}, {}, {}
         for name, layer in layers:
             owner_name, owner = owners[layer]

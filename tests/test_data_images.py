@@ -219,10 +219,14 @@ def test_cifar10_round_trip_is_exact(cifar_dir, cifar10_images):
         stored, stored_labels = read_stored(out / f"{split}.beton")
         assert np.array_equal(np.stack(stored), images[idx]) and np.array_equal(stored_labels, labels[idx])
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # FFCV alone would reset it to num_workers (1) at each step below
     loaders = make_loaders("cifar10", out, batch_size=8)
     assert {k: v.num_samples for k, v in loaders.items()} == {"train": 16, "val": 4, "test": 20}
     test_x, test_y = read_loader(loaders["test"], "cifar10")
     assert np.array_equal(test_x, images) and test_y.tolist() == labels.tolist()
+    assert torch.get_num_threads() == 3
+    torch.set_num_threads(threads)
 
     # train: each output is its source shifted by up to 4 px (zero fill), maybe mirrored
     padded = np.pad(images[train_idx], ((0, 0), (4, 4), (4, 4), (0, 0)))
@@ -233,6 +237,8 @@ def test_cifar10_round_trip_is_exact(cifar_dir, cifar10_images):
     for x, y in zip(train_x, train_y):
         sources = np.flatnonzero(labels[train_idx] == y)
         assert (candidates[sources] == x).all(axis=(2, 3, 4)).any()
+    unchanged = [(images[train_idx] == x).all(axis=(1, 2, 3)).any() for x in train_x]
+    assert not all(unchanged)  # 16 identity draws in a row: odds (1/162)^16
 
 
 # ---------------------------------------------------------------------------- ImageNet
@@ -275,6 +281,18 @@ def test_imagenet_loaders_decode_real_jpegs(tmp_path, imagenet_src):
     x, y = next(iter(loaders["train"]))
     assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32 and y.shape == (4,)
     assert -2.2 < float(x.min()) and float(x.max()) < 2.7 and x.std() > 0.3
+
+
+def test_imagenet_raw_images_larger_than_a_page(tmp_path, imagenet_jpegs):
+    """A 2100x1700 raw image is 10.7 MB, more than FFCV's default 8 MiB page."""
+    photo = Image.open(io.BytesIO(imagenet_jpegs[0][0])).convert("RGB").resize((2100, 1700), Image.BICUBIC)
+    for split, names in (("train", ("big", "a", "b")), ("val", ("c",))):
+        (tmp_path / "src" / split / "n1").mkdir(parents=True)
+        for name in names:
+            (photo if name == "big" else photo.resize((64, 48))).save(tmp_path / "src" / split / "n1" / f"{name}.JPEG")
+    meta = write_imagenet(tmp_path / "src", tmp_path / "out", val_size=1, seed=0, write_mode="raw",
+                          max_resolution=2100, num_workers=1)
+    assert meta["image_width"] == [64, 2100] and meta["image_height"] == [48, 1700]
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -400,6 +418,9 @@ def test_existing_output_is_refused_unless_overwrite(cifar_dir):
     with pytest.raises(DataError, match=f"{out / 'train.beton'}: already exists; pass --overwrite"):
         write_cifar10(cifar_dir / "src", out, val_size=4)
     assert (out / "train.beton").stat().st_mtime_ns == before
+    meta = write_cifar10(cifar_dir / "src", out, val_size=4, seed=3, overwrite=True, num_workers=1)
+    assert (out / "train.beton").stat().st_mtime_ns != before and meta["counts"]["val"] == 4
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.beton", "train.beton", "val.beton"]
 
 
 def test_cli_errors_are_one_line(tmp_path, cifar_dir, cifar10_images, capsys):
@@ -416,6 +437,9 @@ def test_cli_errors_are_one_line(tmp_path, cifar_dir, cifar10_images, capsys):
     assert summary["num_samples"] == 20 and summary["image_height"] == [32, 32]
     labels, counts = np.unique(cifar10_images[1], return_counts=True)
     assert summary["labels"] == {str(k): int(v) for k, v in zip(labels, counts)}
+
+    assert write_main(["dvs-cifar10", "--src", str(tmp_path / "no-dvs"), "--out", str(tmp_path / "dvs")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'no-dvs'}: ")
 
     # the real entry point: exit status and a single stderr line, before FFCV is imported
     run = subprocess.run([sys.executable, "-m", "data_pipeline.write", "demo", "--src", str(tmp_path / "none"),
@@ -449,5 +473,7 @@ def test_loader_rejects_bad_files_and_options(tmp_path, cifar_dir):
         check_options("shuffled", False, "cpu")
     with pytest.raises(DataError, match="image_size=64: cifar10 images are stored at 32x32"):
         make_loaders("cifar10", cifar_dir / "out", batch_size=4, image_size=64)
+    with pytest.raises(DataError, match=str(tmp_path / "no-dvs")):
+        make_loaders("dvs_cifar10", tmp_path / "no-dvs", batch_size=4)
     with pytest.raises(DataError, match="dataset='mnist'"):
         make_loaders("mnist", cifar_dir / "out", batch_size=4)

@@ -1,0 +1,528 @@
+"""Search the mask-penalty coefficients against SOP budgets with Ray Tune (method.md §4).
+
+    python tuning/sweep.py --config configs/sweep_demo.yaml [--address auto|HOST:PORT] [key=value ...]
+    python -m tuning.sweep  (the same)
+
+Each trial is one `launcher.train.train(cfg)` call (the CLI's code path) on the training config
+plus the trial's searched values; it reports every epoch to Tune, and its result is the
+fine-tuned hardened network's validation accuracy and SOPs per sample. The search is
+multi-objective (Optuna TPE: maximise val_top1, minimise SOPs, with "SOPs over the largest
+budget" as an Optuna constraint), so one sweep answers every budget: for each budget the most
+accurate finished trial within it. ASHA stops trials that trail in hard-mask validation
+accuracy during the search phase; stopped trials never made a finished network and are kept
+out of the front and the answers.
+
+Everything lives in `storage_path/name/` (the sweep dir): Tune's experiment state, one folder
+per trial (`trial_<id>/run` is the launcher's run dir, with its checkpoints), and the outputs
+`results.txt`, `pareto.png`, `summary.json`, `best_configs/`. Starting the same command again
+continues an interrupted sweep: finished trials are kept, unfinished and errored ones resume
+from their last checkpoint. MLflow: one parent run per sweep, one nested run per trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # `python tuning/sweep.py`: make the repo importable, then run the module proper so that
+    # the trainable is pickled by reference to `tuning.sweep`, not by value from __main__.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tuning.sweep import main
+
+    sys.exit(main())
+
+import yaml
+
+from launcher.config import Config, ConfigError, load_config
+from launcher.tracking import Tracker, ensure_store, resolve_tracking_uri
+from tuning import pareto
+from tuning.pareto import TrialOutcome
+from tuning.sweep_config import (BUDGET_KEY, SweepConfig, base_train_config, load_sweep_config,
+                                 sweep_config_yaml, to_dict)
+
+EXIT_INTERRUPTED = 130
+CONNECT_TIMEOUT_S = 5.0
+SOCKET_PATH_MAX = 107  # AF_UNIX; Ray puts sockets at <temp dir>/session_<date>_<pid>/sockets/...
+# The run-dependent settings a restarted sweep may change; everything else is fixed by the
+# saved Tune experiment, so a different value would be silently ignored: refuse instead.
+RESTART_MAY_CHANGE = ("address", "local_cpus")
+
+
+class SweepError(RuntimeError):
+    """A problem that stops the sweep; the message is one line for the user."""
+
+
+# --------------------------------------------------------------------------- inside a trial
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial needs besides its sampled values (sent once through Ray)."""
+
+    train_config: str  # absolute path
+    train_overrides: tuple[str, ...]  # with absolute data dir and tracking URI
+    sweep_dir: str
+    parent_run_id: str | None
+
+
+class EpochLog:
+    """Every epoch a trial reported, kept in its run dir: a trial restarted after a failure
+    still knows its earlier fine-tune epochs when it picks the finished network's numbers."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "tune_epochs.json"
+        self.epochs: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def add(self, metrics: dict) -> None:
+        # Keyed by (phase, epoch): an epoch re-run after a restart replaces its first report.
+        self.epochs[f"{metrics['phase']}/{metrics['epoch']}"] = metrics
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.epochs))
+        os.replace(tmp, self.path)
+
+    def finished_network(self) -> dict:
+        """The fine-tune epoch the launcher keeps (first best val_top1; it saves
+        best_model.pt on a strict improvement), else the last epoch reported."""
+        finetune = sorted((m for m in self.epochs.values() if m["phase"] == "finetune"),
+                          key=lambda m: m["epoch"])
+        if finetune:
+            return max(finetune, key=lambda m: m["val_top1"])  # max() keeps the first of ties
+        return max(self.epochs.values(), key=lambda m: m["step"])
+
+
+def _thread_safe_preemption_handler() -> None:
+    """Ray runs a function trainable in a thread, where `signal.signal` raises ValueError, so
+    the launcher's PreemptionHandler cannot install there. Tune itself stops, pauses and
+    retries trials, so inside a trial the handler stays passive.
+    TODO: drop once launcher.checkpoint.PreemptionHandler.install skips non-main threads."""
+    from launcher.checkpoint import PreemptionHandler
+
+    install = PreemptionHandler.install
+    if getattr(install, "main_thread_only", False):
+        return
+
+    def main_thread_install(self):
+        if threading.current_thread() is threading.main_thread():
+            return install(self)
+        return self
+
+    main_thread_install.main_thread_only = True
+    PreemptionHandler.install = main_thread_install
+
+
+def _numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_trial(config: dict, setup: TrialSetup) -> None:
+    """The Tune trainable: one training run, reported to Tune after every epoch.
+
+    `config` holds the sampled values keyed by training config key. The run dir is fixed by
+    the trial id (inside the trial's folder), so a retried or restored trial finds the
+    launcher checkpoint and `train` resumes from it; the Tune checkpoint of each epoch records
+    which run dir and epoch it stands for.
+    """
+    from ray import tune
+
+    from launcher.train import train
+
+    _thread_safe_preemption_handler()
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = Path(setup.sweep_dir) / trial_dirname_for(trial_id) / "run"
+    overrides = [*setup.train_overrides, *(f"{k}={v}" for k, v in sorted(config.items())),
+                 f"checkpoint.run_dir={run_dir}", f"tracking.run_name=trial_{trial_id}"]
+    cfg = load_config(setup.train_config, overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = EpochLog(run_dir)
+
+    def report_epoch(metrics: dict) -> None:
+        log.add(metrics)
+        result = {**_numbers(metrics), "phase": metrics["phase"]}
+        if metrics["phase"] == "search":
+            result["search_epoch"] = metrics["epoch"] + 1  # ASHA's clock; absent when fine-tuning
+        with tempfile.TemporaryDirectory() as d:
+            pointer = {"run_dir": str(run_dir), **{k: metrics[k] for k in ("phase", "epoch", "step")}}
+            (Path(d) / "run_dir.json").write_text(json.dumps(pointer))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+
+    results = train(cfg, reporter=report_epoch, parent_run_id=setup.parent_run_id)
+    best = log.finished_network()
+    tune.report({
+        "finished": True, "phase": "done",
+        # The objectives: the fine-tuned hardened net on the validation split.
+        "val_top1": best["val_top1"], "val_top1_hard": best["val_top1_hard"],
+        "sops_per_sample": best["sops_per_sample"],
+        # The launcher's final report (test split) of the same network.
+        "test_top1": results["test_top1"], "test_top5": results["test_top5"],
+        "test_sops_per_sample": results["sops_per_sample"],
+        **{k: results[k] for k in ("connectivity", "energy_pj_per_sample", "weight_keep", "neuron_keep")
+           if results.get(k) is not None},
+    })
+
+
+def trial_dirname_for(trial_id: str) -> str:
+    return f"trial_{trial_id}"
+
+
+def trial_dirname(trial) -> str:
+    """Tune's folder name of a trial (stable across restores; Tune pickles this function)."""
+    return trial_dirname_for(trial.trial_id)
+
+
+# --------------------------------------------------------------------------- search set-up
+
+def _optuna_searcher_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FinishedOnlyOptuna(OptunaSearch):
+        """OptunaSearch that tells Optuna only about finished networks.
+
+        Ray hands a trial the scheduler stopped early to `on_trial_complete` with its last
+        (half-searched, soft-mask) result, which Optuna would store as COMPLETE: here it goes
+        in as PRUNED instead. A finished trial gets the Optuna constraint
+        `SOPs - largest budget <= 0`, so TPE learns where the feasible region is.
+        """
+
+        def __init__(self, *args, max_sops: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.max_sops = max_sops
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if trial_id in self._ot_trials and trial_id not in self._completed_trials and not error:
+                if result is not None and result.get("finished"):
+                    self._ot_trials[trial_id].set_constraint(
+                        "sops_over_budget", float(result["sops_per_sample"]) - self.max_sops)
+                else:
+                    result = None  # OptunaSearch then tells Optuna PRUNED
+            super().on_trial_complete(trial_id, result, error)
+
+    return FinishedOnlyOptuna
+
+
+# Defined at import time so that pickled searchers (Tune saves them) find the class by name.
+try:
+    FinishedOnlyOptuna = _optuna_searcher_class()
+except ImportError:  # optuna or ray[tune] missing: the error comes when a sweep starts
+    FinishedOnlyOptuna = None
+
+
+def param_space(cfg: SweepConfig) -> dict:
+    """Tune's search space keyed by training config key."""
+    from ray import tune
+
+    space = {key: tune.loguniform(lo, hi) for key, (lo, hi) in cfg.search.ranges().items()}
+    if cfg.budget_mode:
+        space[BUDGET_KEY] = tune.choice(list(cfg.budgets))
+    return space
+
+
+def first_points(cfg: SweepConfig) -> list[dict]:
+    """Budget mode: one trial per budget first (other knobs at the geometric middle of their
+    ranges), so that every budget is tried whatever the sampler prefers later."""
+    if not cfg.budget_mode:
+        return []
+    middle = {key: math.sqrt(lo * hi) for key, (lo, hi) in cfg.search.ranges().items()}
+    return [{**middle, BUDGET_KEY: b} for b in cfg.budgets][: cfg.num_trials]
+
+
+def search_algorithm(cfg: SweepConfig):
+    if cfg.search_alg == "random":
+        return None  # Tune's BasicVariantGenerator: independent samples of the space
+    if FinishedOnlyOptuna is None:
+        raise SweepError("search_alg=optuna needs optuna (pip install optuna==5.0.0)")
+    import optuna
+
+    return FinishedOnlyOptuna(
+        metric=["val_top1", "sops_per_sample"], mode=["max", "min"],
+        points_to_evaluate=first_points(cfg) or None,
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+        max_sops=max(cfg.budgets) * (1 + cfg.budget_tolerance))
+
+
+def scheduler(cfg: SweepConfig, train_cfg: Config):
+    if cfg.scheduler.name == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # Rungs only at search epochs: `search_epoch` is absent from fine-tune results, and with
+    # stop_last_trials=False a trial that survives the last rung runs to the end.
+    return ASHAScheduler(time_attr="search_epoch", metric="val_top1_hard", mode="max",
+                         max_t=train_cfg.pruning.search_epochs,
+                         grace_period=cfg.scheduler.grace_period,
+                         reduction_factor=cfg.scheduler.reduction_factor, stop_last_trials=False)
+
+
+# --------------------------------------------------------------------------- Ray
+
+def _ray_temp_dir(sweep_dir: Path) -> str:
+    """Ray's session files under the sweep dir, unless its sockets' paths would be too long."""
+    wanted = sweep_dir / "ray"
+    if len(str(wanted)) + len("/session_2026-01-01_00-00-00_000000_0000000/sockets/plasma_store") < SOCKET_PATH_MAX:
+        return str(wanted)
+    short = Path(tempfile.gettempdir()) / f"ray_{os.getuid()}_{abs(hash(str(sweep_dir))) % 10**8}"
+    print(f"Ray's socket paths under {sweep_dir} would be too long: its session files go to {short}",
+          flush=True)
+    return str(short)
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds, not minutes, when no Ray cluster listens at HOST:PORT (ray.init
+    itself retries for minutes). `auto` is left to ray.init, which fails at once."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepError(f"--address {address!r}: expected auto or HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise SweepError(f"no Ray cluster reachable at {address} ({reason} after at most "
+                         f"{timeout_s:g} s): start one with `ray start --head --port={port}` "
+                         f"(see slurm/ray_tune.sh), or leave --address out for a local Ray") from None
+
+
+def connect_ray(cfg: SweepConfig) -> None:
+    import ray
+
+    if cfg.address is None:
+        ray.init(num_cpus=cfg.local_cpus, _temp_dir=_ray_temp_dir(cfg.sweep_dir),
+                 include_dashboard=False)
+        return
+    check_reachable(cfg.address)
+    try:
+        ray.init(address=cfg.address)
+    except ConnectionError as exc:
+        raise SweepError(f"cannot connect to the Ray cluster at {cfg.address}: "
+                         f"{str(exc).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------- the sweep
+
+def trial_setup(cfg: SweepConfig, train_cfg: Config, parent_run_id: str | None) -> TrialSetup:
+    """Paths made absolute: trials run in other working directories (and on other nodes,
+    where the sweep dir and data must be on a shared file system)."""
+    overrides = [*cfg.train_overrides,
+                 f"data.data_dir={Path(train_cfg.data.data_dir).resolve()}",
+                 f"tracking.tracking_uri={resolve_tracking_uri(train_cfg.tracking)}"]
+    return TrialSetup(str(Path(cfg.train_config).resolve()), tuple(overrides), str(cfg.sweep_dir),
+                      parent_run_id)
+
+
+def _check_restart(cfg: SweepConfig, saved_path: Path) -> None:
+    saved = yaml.safe_load(saved_path.read_text())
+    now = yaml.safe_load(sweep_config_yaml(cfg))
+    changed = sorted(k for k in set(saved) | set(now)
+                     if k not in RESTART_MAY_CHANGE and saved.get(k) != now.get(k))
+    if changed:
+        raise SweepError(f"{cfg.sweep_dir} holds a sweep started with other settings ({', '.join(changed)} "
+                         f"differ from {saved_path}); choose another name= or storage_path=, or "
+                         f"delete that folder to start over")
+
+
+def parent_tracker(cfg: SweepConfig, train_cfg: Config) -> Tracker:
+    """The sweep's MLflow run (the trials' runs nest under it); resumed with the sweep."""
+    tracking = dataclasses.replace(train_cfg.tracking, run_name=f"sweep {cfg.name}",
+                                   tracking_uri=resolve_tracking_uri(train_cfg.tracking))
+    if tracking.enabled:
+        try:
+            ensure_store(tracking.tracking_uri)  # schema created once, before trials fan out
+        except Exception as exc:  # the Tracker keeps records locally and warns
+            print(f"MLflow store {tracking.tracking_uri} not ready: {exc}".splitlines()[0], file=sys.stderr)
+    return Tracker(tracking, 0, cfg.sweep_dir, tags={"spikeprune.kind": "sweep"})
+
+
+def collect(cfg: SweepConfig) -> list[TrialOutcome]:
+    """Every trial of the experiment with its status and final numbers."""
+    from ray.tune import ExperimentAnalysis
+
+    outcomes = []
+    for trial in ExperimentAnalysis(str(cfg.sweep_dir)).trials:
+        last = trial.last_result or {}
+        if trial.status == "ERROR":
+            status = "error"
+        elif last.get("finished"):
+            status = "finished"
+        elif trial.status == "TERMINATED":
+            status = "early_stopped"
+        else:
+            status = "unfinished"
+        run_dir = cfg.sweep_dir / trial_dirname_for(trial.trial_id) / "run"
+        run_id_file = run_dir / "mlflow_run_id"
+        done = status == "finished"
+        outcomes.append(TrialOutcome(
+            trial_id=trial.trial_id, status=status,
+            params={k: v for k, v in (trial.config or {}).items() if isinstance(v, (int, float))},
+            val_top1=last.get("val_top1") if done else None,
+            sops_per_sample=last.get("sops_per_sample") if done else None,
+            test_top1=last.get("test_top1"), test_top5=last.get("test_top5"),
+            test_sops_per_sample=last.get("test_sops_per_sample"),
+            connectivity=last.get("connectivity") if done else None,
+            energy_pj_per_sample=last.get("energy_pj_per_sample"),
+            weight_keep=last.get("weight_keep") if done else None,
+            neuron_keep=last.get("neuron_keep") if done else None,
+            run_dir=str(run_dir) if run_dir.is_dir() else None,
+            mlflow_run_id=run_id_file.read_text().strip() if run_id_file.is_file() else None,
+            failures=trial.num_failures))
+    return sorted(outcomes, key=lambda t: t.trial_id)
+
+
+def close_stopped_runs(outcomes: list[TrialOutcome]) -> None:
+    """A trial ASHA stopped dies mid-epoch, leaving its MLflow run RUNNING with records still
+    pending in its run dir: upload them and mark the run KILLED, tagged as early-stopped."""
+    for t in outcomes:
+        if t.status != "early_stopped" or t.run_dir is None:
+            continue
+        config_file = Path(t.run_dir) / "config.yaml"
+        if not config_file.is_file():
+            continue
+        tracker = Tracker(load_config(config_file).tracking, 0, t.run_dir)
+        tracker.set_tags({"tune.status": "early_stopped"})
+        tracker.finish("KILLED")
+
+
+def write_outputs(cfg: SweepConfig, outcomes: list[TrialOutcome], tracker: Tracker) -> dict:
+    """results.txt, pareto.png, summary.json, best_configs/; printed and logged to the parent."""
+    keys = sorted({k for t in outcomes for k in t.params})
+    answers = pareto.best_per_budget(outcomes, cfg.budgets, cfg.budget_tolerance)
+    front = pareto.pareto_front(outcomes)
+    out = cfg.sweep_dir
+    best_dir = out / "best_configs"
+    best_dir.mkdir(exist_ok=True)
+    for a in answers:
+        if a.feasible and a.best.run_dir and (Path(a.best.run_dir) / "config.yaml").is_file():
+            shutil.copyfile(Path(a.best.run_dir) / "config.yaml", best_dir / f"budget_{a.budget:.4g}.yaml")
+    counts = {s: sum(t.status == s for t in outcomes) for s in ("finished", "early_stopped", "error", "unfinished")}
+    text = "\n\n".join([
+        f"sweep {cfg.name}: {len(outcomes)} trials, " + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
+        "all trials (val_top1 and SOPs/sample: fine-tuned hardened net on the validation split; "
+        "status in summary.json)\n" + pareto.table(outcomes, keys),
+        "Pareto front (finished trials only)\n" + pareto.table(front, keys),
+        "best trial per budget\n" + pareto.budget_table(answers, keys),
+        "\n".join(a.message() for a in answers),
+    ])
+    (out / "results.txt").write_text(text + "\n")
+    pareto.plot(out / "pareto.png", outcomes, answers)
+    doc = {"name": cfg.name, "sweep_dir": str(out), "config": to_dict(cfg),
+           "parent_run_id": tracker.run_id, **pareto.summary(outcomes, answers)}
+    pareto.write_json(out / "summary.json", doc)
+    print(text, flush=True)
+
+    metrics = {f"{s}_trials": n for s, n in counts.items()}
+    metrics["pareto_front_size"] = len(front)
+    for a in answers:
+        tag = f"budget_{a.budget:.0f}"
+        metrics[f"{tag}_feasible"] = float(a.feasible)
+        if a.feasible:
+            metrics.update({f"{tag}_val_top1": a.best.val_top1, f"{tag}_sops_per_sample": a.best.sops_per_sample})
+            if a.best.test_top1 is not None:
+                metrics[f"{tag}_test_top1"] = a.best.test_top1
+    tracker.log_metrics(metrics, step=0)
+    for name in ("results.txt", "pareto.png", "summary.json"):
+        tracker.log_artifact(out / name)
+    if any(best_dir.iterdir()):
+        tracker.log_artifact(best_dir, "best_configs")
+    return doc
+
+
+def run_sweep(cfg: SweepConfig, trainable=run_trial) -> dict:
+    """Run (or continue) the sweep; returns the summary. `trainable` is `run_trial` unless a
+    test wraps it."""
+    from ray import tune
+    from ray.tune.utils import flatten_dict
+
+    train_cfg = base_train_config(cfg)
+    out = cfg.sweep_dir
+    saved = out / "sweep_config.yaml"
+    restoring = tune.Tuner.can_restore(str(out))
+    if restoring and saved.is_file():
+        _check_restart(cfg, saved)
+    out.mkdir(parents=True, exist_ok=True)
+    if not saved.is_file():
+        saved.write_text(sweep_config_yaml(cfg))
+
+    from launcher.train import ensure_demo_data
+
+    ensure_demo_data(train_cfg)  # once here: concurrent trials would all write it
+    tracker = parent_tracker(cfg, train_cfg)
+    if not restoring:
+        tracker.log_params(flatten_dict(to_dict(cfg), delimiter="."))
+        tracker.log_artifact(saved)
+    setup = trial_setup(cfg, train_cfg, tracker.run_id)
+    resources = {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus}
+    fn = tune.with_resources(tune.with_parameters(trainable, setup=setup), resources)
+
+    connect_ray(cfg)
+    try:
+        if restoring:
+            print(f"continuing the sweep in {out}", flush=True)
+            tuner = tune.Tuner.restore(str(out), trainable=fn, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                fn, param_space=param_space(cfg),
+                tune_config=tune.TuneConfig(
+                    search_alg=search_algorithm(cfg), scheduler=scheduler(cfg, train_cfg),
+                    num_samples=cfg.num_trials, max_concurrent_trials=cfg.max_concurrent_trials,
+                    reuse_actors=False,  # a fresh process per trial: the process group is global
+                    trial_dirname_creator=trial_dirname),
+                run_config=tune.RunConfig(
+                    name=cfg.name, storage_path=str(out.parent),
+                    failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    log_to_file=True))
+        tuner.fit()
+    finally:
+        import ray
+
+        ray.shutdown()
+
+    outcomes = collect(cfg)
+    close_stopped_runs(outcomes)
+    doc = write_outputs(cfg, outcomes, tracker)
+    unfinished = doc["counts"]["unfinished"] + max(0, cfg.num_trials - len(outcomes))
+    doc["interrupted"] = unfinished > 0
+    if unfinished:
+        tracker.finish("KILLED")
+        print(f"sweep interrupted with {unfinished} trials unfinished; run the same command again "
+              f"to continue", file=sys.stderr, flush=True)
+    else:
+        tracker.finish()
+    print(f"outputs in {out} (results.txt, pareto.png, summary.json); "
+          f"MLflow: {tracker.ui_command()}", flush=True)
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tuning/sweep.py", allow_abbrev=False,
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="sweep YAML file, e.g. configs/sweep_demo.yaml")
+    parser.add_argument("--address", help="auto or HOST:PORT of a running Ray cluster "
+                                          "(default: the config's address; none: a local Ray)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. num_trials=4 search.lambda_w=[1e-12,1e-10]")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_sweep_config(args.config, args.overrides)
+        if args.address is not None:
+            cfg.address = args.address
+        doc = run_sweep(cfg)
+    except ConfigError as exc:
+        print(f"sweep config error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except SweepError as exc:
+        print(f"sweep error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return EXIT_INTERRUPTED if doc["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The typed config of a sweep: YAML file + `key=value` overrides, checked like the launcher's.
+
+A sweep config names a training config (any `configs/*.yaml` the launcher accepts) plus the
+overrides every trial gets, the SOP budgets, the knobs to search and how to run the search.
+Scalars are validated by `launcher.config` (same types, same one-line `ConfigError` naming the
+key); the sweep adds two list-valued kinds: `budgets` (SOPs per sample) and search ranges
+(`[low, high]`, sampled log-uniformly).
+
+    python -m tuning.sweep_config --config configs/sweep_demo.yaml num_trials=4
+prints the resolved sweep config as YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from launcher.config import (Config, ConfigError, _as_float, _check, _unknown, _validate_field,
+                             load_config, parse_override)
+
+Range = tuple[float, float]  # [low, high], sampled log-uniformly
+
+# Search-space name -> the training config key it sets in each trial.
+SEARCH_KEYS = {
+    "lambda_w": "pruning.lambda_w",
+    "lambda_n": "pruning.lambda_n",
+    "beta_T": "pruning.beta_T",
+    "lr": "optim.lr",
+    "mask_lr": "optim.mask_lr",
+}
+BUDGET_KEY = "pruning.sop_budget"
+
+
+@dataclass
+class SearchSpace:
+    """What the sweep searches: each knob a log-uniform `[low, high]`; null keeps the training
+    config's value. method.md §4 ranges for lambda: CIFAR-10 5e-12..5e-11, DVS 1e-10..1e-9,
+    ImageNet 5e-11..2e-10."""
+
+    lambda_w: Optional[Range] = None
+    lambda_n: Optional[Range] = None
+    beta_T: Optional[Range] = None
+    lr: Optional[Range] = None
+    mask_lr: Optional[Range] = None
+
+    def ranges(self) -> dict[str, Range]:
+        """{training config key: (low, high)} of the knobs that are searched."""
+        return {SEARCH_KEYS[name]: r for name, r in dataclasses.asdict(self).items() if r is not None}
+
+
+@dataclass
+class Resources:
+    """What one trial (one single-process training run) reserves on the Ray cluster."""
+
+    cpus: float = field(default=1.0, metadata=_check("positive"))
+    gpus: float = field(default=0.0, metadata=_check("non_negative"))
+
+
+@dataclass
+class SchedulerConfig:
+    """ASHA stops trials whose hard-mask validation accuracy trails at a search epoch."""
+
+    name: Literal["asha", "none"] = "asha"
+    grace_period: int = field(default=1, metadata=_check("positive"))  # search epochs
+    reduction_factor: float = 2.0
+
+
+@dataclass
+class SweepConfig:
+    train_config: str = "configs/demo.yaml"
+    # `section.key=value` applied to every trial, before the searched knobs.
+    train_overrides: list[str] = field(default_factory=list)
+    budgets: list[float] = field(default_factory=list)  # SOPs per sample
+    # Budget mode: each trial runs with pruning.sop_budget set to one of the budgets (the
+    # launcher adapts the lambdas to land on it) and the search covers the other knobs.
+    budget_mode: bool = False
+    # A trial fits a budget B when its SOPs/sample <= B * (1 + budget_tolerance).
+    budget_tolerance: float = field(default=0.0, metadata=_check("non_negative"))
+    search: SearchSpace = field(default_factory=SearchSpace)
+    num_trials: int = field(default=8, metadata=_check("positive"))
+    max_concurrent_trials: Optional[int] = field(default=None, metadata=_check("positive"))
+    resources: Resources = field(default_factory=Resources)
+    # optuna: multi-objective TPE (max val_top1, min SOPs, SOPs over the largest budget as
+    # a constraint); random: independent log-uniform samples.
+    search_alg: Literal["optuna", "random"] = "optuna"
+    seed: int = 0  # of the search algorithm
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_failures: int = field(default=2, metadata=_check("non_negative"))  # retries per trial
+    storage_path: str = "runs/sweeps"  # the sweep lives in storage_path/name
+    name: str = "sweep"
+    # null: start a local Ray; "auto" or "HOST:PORT": join a running cluster.
+    address: Optional[str] = None
+    local_cpus: Optional[int] = field(default=None, metadata=_check("positive"))  # local Ray only
+
+    @property
+    def sweep_dir(self) -> Path:
+        return (Path(self.storage_path) / self.name).resolve()
+
+
+# --------------------------------------------------------------------------- list-valued fields
+
+def _range(key: str, value: Any) -> Range | None:
+    if value is None:
+        return None
+    bounds = [_as_float(v) for v in value] if isinstance(value, (list, tuple)) else []
+    if len(bounds) != 2 or None in bounds or not 0 < bounds[0] < bounds[1]:
+        raise ConfigError(f"{key}: expected [low, high] with 0 < low < high (log-uniform), "
+                          f"got {value!r}")
+    return bounds[0], bounds[1]
+
+
+def _budgets(key: str, value: Any) -> list[float]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = [_as_float(v) for v in items]
+    if not out or any(v is None or v <= 0 for v in out):
+        raise ConfigError(f"{key}: expected a list of SOP budgets per sample (numbers > 0), "
+                          f"got {value!r}")
+    return sorted(set(out))
+
+
+def _strings(key: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise ConfigError(f"{key}: expected a list of 'section.key=value' strings, got {value!r}")
+    return list(value)
+
+
+_LIST_FIELDS = {Optional[Range]: _range, list[float]: _budgets, list[str]: _strings}
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """launcher.config's walk (unknown keys named, scalars type-checked) plus list fields."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'sweep config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise _unknown(f"{prefix}{key}", list(fields))
+    kwargs = {}
+    for name in data:
+        tp, key = hints[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], f"{key}.")
+        elif tp in _LIST_FIELDS:
+            kwargs[name] = _LIST_FIELDS[tp](key, data[name])
+        else:
+            kwargs[name] = _validate_field(key, fields[name], tp, data[name])
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- public API
+
+def base_train_config(cfg: SweepConfig) -> Config:
+    """The training config every trial starts from (file + train_overrides), validated."""
+    try:
+        return load_config(cfg.train_config, cfg.train_overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"train_config {cfg.train_config} (+ train_overrides): {exc}") from None
+
+
+def _cross_checks(cfg: SweepConfig) -> None:
+    if not cfg.budgets:
+        raise ConfigError("budgets: give at least one SOP budget per sample, e.g. budgets=[2e5,5e5]")
+    ranges = cfg.search.ranges()
+    if cfg.budget_mode:
+        for name in ("lambda_w", "lambda_n"):
+            if getattr(cfg.search, name) is not None:
+                raise ConfigError(f"search.{name}: budget mode adapts the lambdas itself; search "
+                                  f"beta_T, lr or mask_lr instead (or set budget_mode=false)")
+    if not ranges:
+        raise ConfigError("search: empty search space; give at least one of "
+                          + ", ".join(SEARCH_KEYS) + " as [low, high]"
+                          + (" (budget mode: not the lambdas)" if cfg.budget_mode else ""))
+    if cfg.scheduler.reduction_factor <= 1:
+        raise ConfigError(f"scheduler.reduction_factor: must be > 1, got {cfg.scheduler.reduction_factor}")
+    if cfg.address is not None and not cfg.address.strip():
+        raise ConfigError("address: empty (use auto, HOST:PORT, or null for a local Ray)")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name: expected a folder name without '/', got {cfg.name!r}")
+
+    train = base_train_config(cfg)
+    p = train.pruning
+    if not p.enabled:
+        raise ConfigError("train_config: pruning.enabled is false; a sweep tunes the pruning")
+    if p.search_epochs < 1 or p.finetune_epochs < 1:
+        raise ConfigError(f"train_config: a sweep compares fine-tuned hardened networks: needs "
+                          f"pruning.search_epochs >= 1 and pruning.finetune_epochs >= 1, got "
+                          f"{p.search_epochs} and {p.finetune_epochs}")
+    if cfg.scheduler.name == "asha" and p.search_epochs < cfg.scheduler.grace_period:
+        raise ConfigError(f"scheduler.grace_period: {cfg.scheduler.grace_period} search epochs, but "
+                          f"the training config has pruning.search_epochs={p.search_epochs} "
+                          f"(lower it or use scheduler.name=none)")
+    if "pruning.beta_T" in ranges and ranges["pruning.beta_T"][0] < p.beta_0:
+        raise ConfigError(f"search.beta_T: low end {ranges['pruning.beta_T'][0]} is below "
+                          f"pruning.beta_0={p.beta_0}")
+
+
+def from_dict(data: dict) -> SweepConfig:
+    cfg = _build(SweepConfig, data, "")
+    _cross_checks(cfg)
+    return cfg
+
+
+def to_dict(cfg: SweepConfig) -> dict:
+    """Plain nested data (ranges as lists) that `from_dict` reads back."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def sweep_config_yaml(cfg: SweepConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def load_sweep_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    """YAML file, then `key=value` overrides (dotted keys, YAML values), then validation."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep config file {str(p)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep config file {str(p)!r}: invalid YAML ({exc})".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep config file {str(p)!r}: expected a mapping at the top level")
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise _unknown(".".join(parts[: i + 2]), [])
+            node = child
+        node[parts[-1]] = value
+    return from_dict(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tuning.sweep_config", allow_abbrev=False,
+                                     description="Print the resolved sweep config.")
+    parser.add_argument("--config", required=True, help="sweep YAML file")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_sweep_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"sweep config error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(sweep_config_yaml(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
