@@ -11,6 +11,7 @@ and exit with launcher.checkpoint.EXIT_TERMINATED / EXIT_REQUEUE.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import signal
@@ -33,11 +34,11 @@ from launcher.distributed import barrier, is_primary, reduce_scalars, setup_dist
 from launcher.ds_config import build_ds_config, build_optimizer, freeze, lr_at, set_lr
 from launcher.progress import Progress
 from launcher.reports import mask_histogram_png
-from launcher.tracking import Tracker
+from launcher.tracking import Tracker, resolve_tracking_uri
 from model import build_model
 from model.energy import measure_energy
-from model.masks import MaskError, keep_ratios, mask_logits, save_masks, set_beta, set_mask_mode, weight_params
-from model.masks import beta_at
+from model.masks import (MaskError, beta_at, mask_logits, save_masks, set_beta, set_mask_mode,
+                         weight_params)
 from model.penalty import energy_penalty, penalty_terms
 
 
@@ -87,17 +88,18 @@ def ensure_demo_data(cfg: Config) -> None:
     barrier()
 
 
-def dense_reference_sops(ref: float | str | None, tracker: Tracker) -> float | None:
-    """The dense run's SOPs per sample: given as a number, or read from its MLflow run."""
+def dense_reference_sops(ref: float | str | None, tracking_uri: str) -> float | None:
+    """The dense run's SOPs per sample: given as a number, or read from its MLflow run
+    (the last value logged: its test-set energy report)."""
     if ref is None or isinstance(ref, (int, float)):
         return ref
     import mlflow
 
     try:
-        run = mlflow.MlflowClient(tracker.tracking_uri).get_run(ref)
+        run = mlflow.MlflowClient(tracking_uri).get_run(ref)
     except Exception as exc:
         raise ConfigError(f"pruning.dense_reference: MLflow run {ref!r} not found at "
-                          f"{tracker.tracking_uri} ({type(exc).__name__})") from None
+                          f"{tracking_uri} ({type(exc).__name__})") from None
     if "sops_per_sample" not in run.data.metrics:
         raise ConfigError(f"pruning.dense_reference: run {ref} has no sops_per_sample metric")
     return float(run.data.metrics["sops_per_sample"])
@@ -129,22 +131,19 @@ def energy_on(ctx: Ctx, split: str, dense_sops: float | None):
     reduced so every rank holds the report of the whole split."""
     report = measure_energy(ctx.net, ((x.to(ctx.device, ctx.dtype), y) for x, y in ctx.loaders[split]),
                             max_batches=ctx.cfg.eval_batches_limit, dense_reference_sops=dense_sops)
-    n = report.samples
-    sums = {"n": n}
+    fields, n = ("sops_per_sample", "macs_per_sample", "firing_rate"), report.samples
+    sums = reduce_scalars({"n": n, **{f"{i}.{f}": (getattr(row, f) or 0.0) * n
+                                      for i, row in enumerate(report.layers) for f in fields}}, op="sum")
     for i, row in enumerate(report.layers):
-        sums.update({f"{i}.sops": row.sops_per_sample * n, f"{i}.macs": row.macs_per_sample * n,
-                     f"{i}.rate": (row.firing_rate or 0.0) * n})
-    sums = reduce_scalars(sums, op="sum")
-    total = max(sums["n"], 1)
-    for i, row in enumerate(report.layers):
-        row.sops_per_sample, row.macs_per_sample = sums[f"{i}.sops"] / total, sums[f"{i}.macs"] / total
-        if row.firing_rate is not None:
-            row.firing_rate = sums[f"{i}.rate"] / total
+        for f in fields:
+            if getattr(row, f) is not None:
+                setattr(row, f, sums[f"{i}.{f}"] / max(sums["n"], 1))
     report.samples = int(sums["n"])
     return report
 
 
 def phase_epochs(cfg: Config, phase: str) -> int:
+    """Epochs of `phase`; a dense baseline trains as long as a pruned run, in one phase."""
     if not cfg.pruning.enabled:
         return cfg.pruning.search_epochs + cfg.pruning.finetune_epochs if phase == "finetune" else 0
     return cfg.pruning.search_epochs if phase == "search" else cfg.pruning.finetune_epochs
@@ -152,18 +151,20 @@ def phase_epochs(cfg: Config, phase: str) -> int:
 
 def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
     """One epoch of `phase`, resuming after `state.batch_in_epoch` micro-batches if set.
-    Returns the mean task loss over the epoch's micro-batches and ranks."""
+    Returns the epoch's mean train_loss (task loss of the global batch)."""
     cfg, engine, net, state = ctx.cfg, ctx.engine, ctx.net, ctx.state
     search = phase == "search"
     loader = ctx.loaders["train"]
     loader.next_epoch = state.extra.get("loader_epoch", 0)  # FFCV's order is seeded by epoch
     micro_per_epoch = ctx.steps_per_epoch * cfg.optim.grad_accum
-    base_lr = cfg.optim.lr if search else cfg.optim.finetune_lr
+    # A dense baseline (pruning off) is all "finetune" epochs, but trains at the main LR.
+    base_lr = cfg.optim.lr if search or not cfg.pruning.enabled else cfg.optim.finetune_lr
     terms = penalty_terms(net) if search else None
     net.train()
-    # The epoch's loss sum lives in the state so that a resumed epoch reports the whole epoch.
-    if state.batch_in_epoch == 0:
+    # (sum of train_loss, steps) of this epoch: in the state, so a resumed epoch reports it whole.
+    if state.batch_in_epoch == 0 or "epoch_loss" not in state.extra:
         state.extra["epoch_loss"] = [0.0, 0]
+    step_loss = 0.0
     bar = ctx.progress(phase, epoch, ctx.steps_per_epoch, state.batch_in_epoch // cfg.optim.grad_accum)
     for i, (x, y) in enumerate(loader if state.batch_in_epoch < micro_per_epoch else ()):
         if i < state.batch_in_epoch:
@@ -189,7 +190,7 @@ def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
         engine.backward(loss)
         engine.step()
         state.batch_in_epoch = i + 1
-        state.extra["epoch_loss"] = [state.extra["epoch_loss"][0] + task.item(), state.extra["epoch_loss"][1] + 1]
+        step_loss += task.item() / cfg.optim.grad_accum
         if not boundary:
             continue
         state.step += 1
@@ -198,8 +199,11 @@ def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
             state.search_step += 1
             if ctx.budget and state.search_step % ctx.budget.every == 0:
                 metrics["budget_sops"] = ctx.budget.observe(net, x.to(ctx.device, ctx.dtype))
-        # Every rank saw a different batch: log the mean over ranks (one small all-reduce).
-        metrics["train_loss"] = reduce_scalars({"loss": task.item()})["loss"]
+        # The loss of the global batch: mean over micro-batches and ranks (one small all-reduce).
+        metrics["train_loss"] = reduce_scalars({"loss": step_loss})["loss"]
+        step_loss = 0.0
+        total, n = state.extra["epoch_loss"]
+        state.extra["epoch_loss"] = [total + metrics["train_loss"], n + 1]
         ctx.tracker.log_metrics(metrics, step=state.step)
         bar.update(loss=metrics["train_loss"], **{k: metrics[k] for k in ("beta",) if k in metrics})
         if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
@@ -209,17 +213,15 @@ def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
             raise Preempted(ctx.stop.exit_code)
     bar.close()
     total, n = state.extra["epoch_loss"]
-    return reduce_scalars({"loss": total / max(n, 1)})["loss"]
+    return total / max(n, 1)
 
 
 def sync_buffers(net: torch.nn.Module) -> None:
     """Average the floating buffers (BatchNorm running statistics) over ranks, in place.
 
     DeepSpeed keeps parameters equal on every rank, not buffers, which each rank updates from
-    its own batches; without this, ranks would evaluate different models and a checkpoint
-    (rank 0's module) would not continue exactly. Done every optimizer step, the running mean
-    is the one of the global batch, whatever the world size.
-    """
+    its own batch: ranks would evaluate different models and a checkpoint (rank 0's module)
+    would not continue exactly. Averaged every step, they follow the global batch."""
     import torch.distributed as dist
 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -283,15 +285,6 @@ def run_phase(ctx: Ctx, phase: str) -> None:
         save(ctx)
 
 
-def _take(loader, n: int) -> list:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
-
-
 def harden_subnetwork(ctx: Ctx) -> None:
     """End of search: masks hardened and frozen, weight LR reset, optimizer state kept."""
     cfg, state = ctx.cfg, ctx.state
@@ -300,7 +293,7 @@ def harden_subnetwork(ctx: Ctx) -> None:
     state.phase, state.epoch, state.batch_in_epoch = "finetune", 0, 0
     state.extra["finetune_start"] = state.step
     if ctx.budget:
-        calibration = [x.to(ctx.device, ctx.dtype) for x, _ in _take(ctx.loaders["train"], 4)]
+        calibration = [x.to(ctx.device, ctx.dtype) for x, _ in itertools.islice(ctx.loaders["train"], 4)]
         found = ctx.budget.calibrate(ctx.net, [(x,) for x in calibration])
         ctx.tracker.log_metrics(found, step=state.step)
     run_dir = Path(cfg.checkpoint.run_dir)
@@ -320,6 +313,8 @@ def final_report(ctx: Ctx) -> dict:
     barrier()
     if best_path.exists():
         ctx.net.load_state_dict(safe_load(best_path, map_location=ctx.device))
+    elif is_primary():  # no fine-tuning to select from: the reported model is the last one
+        atomic_torch_save(ctx.net.state_dict(), best_path)
     mode = "hard" if cfg.pruning.enabled else "off"
     test = evaluate(ctx, "test", mode)
     report = energy_on(ctx, "test", ctx.dense_sops)
@@ -336,8 +331,7 @@ def final_report(ctx: Ctx) -> dict:
                                 step=ctx.state.step + 1)
         ctx.tracker.log_artifact(run_dir / "energy_report.json")
         ctx.tracker.log_artifact(run_dir / "energy_per_layer.png")
-        if best_path.exists():
-            ctx.tracker.log_checkpoint(best_path)
+        ctx.tracker.log_checkpoint(best_path)
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
         if ctx.tracker.active:
             print(f"browse the run: {ctx.tracker.ui_command()}", flush=True)
@@ -354,7 +348,9 @@ def train(cfg: Config, reporter: Callable[[dict], None] | None = None, local_ran
 
     info = setup_distributed(local_rank)
     seed_everything(cfg.seed)
-    run_dir = Path(cfg.checkpoint.run_dir)
+    p, run_dir = cfg.pruning, Path(cfg.checkpoint.run_dir)
+    # Everything that can fail on a wrong input fails here, before the MLflow run is created.
+    dense_sops = dense_reference_sops(p.dense_reference, resolve_tracking_uri(cfg.tracking))
     if is_primary():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -366,7 +362,13 @@ def train(cfg: Config, reporter: Callable[[dict], None] | None = None, local_ran
     for split in ("train", "val", "test"):
         if split not in loaders:
             raise DataError(f"{cfg.data.data_dir}: {split}.beton is missing")
-    p = cfg.pruning
+    batches = len(loaders["train"])
+    micro = min(batches, (cfg.steps_per_epoch_limit or batches) * cfg.optim.grad_accum)
+    steps_per_epoch = micro // cfg.optim.grad_accum
+    if steps_per_epoch == 0:
+        raise DataError(f"{cfg.data.data_dir}/train.beton gives {batches} batches per rank: fewer than "
+                        f"grad_accum={cfg.optim.grad_accum}; lower data.batch_size")
+
     net = build_model(cfg.model.name, num_classes=cfg.model.num_classes, T=cfg.model.T,
                       width=cfg.model.width, input_size=cfg.model.input_size,
                       weight_masks=p.enabled and p.prune_weights, neuron_masks=p.enabled and p.prune_neurons)
@@ -375,7 +377,7 @@ def train(cfg: Config, reporter: Callable[[dict], None] | None = None, local_ran
     optimizer = build_optimizer(mask_logits(net), weight_params(net), cfg)
     ds_config = build_ds_config(cfg, info.world_size, info.on_gpu)
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
 
     state = TrainState(phase="search" if p.enabled and p.search_epochs > 0 else "finetune")
     ckpt = find_resumable(run_dir)
@@ -388,15 +390,6 @@ def train(cfg: Config, reporter: Callable[[dict], None] | None = None, local_ran
                       parent_run_id=parent_run_id)
     if ckpt is None:
         tracker.log_params(flatten(cfg))
-    state.mlflow_run_id = tracker.run_id or state.mlflow_run_id
-    dense_sops = dense_reference_sops(p.dense_reference, tracker)  # fail now, not after training
-
-    batches = len(loaders["train"])
-    micro = min(batches, cfg.steps_per_epoch_limit * cfg.optim.grad_accum) if cfg.steps_per_epoch_limit else batches
-    steps_per_epoch = micro // cfg.optim.grad_accum
-    if steps_per_epoch == 0:
-        raise DataError(f"{cfg.data.data_dir}/train.beton gives {batches} batches per rank: fewer than "
-                        f"grad_accum={cfg.optim.grad_accum}; lower data.batch_size")
     budget = None
     if p.enabled and p.sop_budget is not None:
         budget = BudgetController(p.sop_budget, p.lambda_w, p.lambda_n)
@@ -405,13 +398,12 @@ def train(cfg: Config, reporter: Callable[[dict], None] | None = None, local_ran
     if is_primary():
         from model.structure import connectivity
 
-        conn = connectivity(net)
         print(f"world_size={info.world_size} backend={info.backend} device={info.device} dtype={dtype}\n"
               f"global_batch={ds_config['train_batch_size']} (micro {cfg.data.batch_size} x accum "
               f"{cfg.optim.grad_accum} x world {info.world_size}) steps/epoch={steps_per_epoch} "
               f"train samples/rank={loaders['train'].num_samples}\n"
               f"model={cfg.model.name} width={cfg.model.width} T={cfg.model.T} "
-              f"dense connections/step={conn.dense_total:,.0f}", flush=True)
+              f"dense connections/step={connectivity(net).dense_total:,.0f}", flush=True)
 
     # Signal handlers can only be set from the main thread (not in a Ray Tune worker thread).
     signals = (signal.SIGTERM, signal.SIGUSR1) if threading.current_thread() is threading.main_thread() else ()
@@ -431,7 +423,7 @@ def train(cfg: Config, reporter: Callable[[dict], None] | None = None, local_ran
                 results = final_report(ctx)
             else:  # started again after it had finished
                 results = json.loads((run_dir / "results.json").read_text())
-        except Preempted:
+        except (Preempted, KeyboardInterrupt):
             tracker.finish("KILLED")
             raise
         except Exception:

@@ -152,16 +152,16 @@ class EnergyReport:
                  "-" if r.firing_rate is None else f"{r.firing_rate:.4f}",
                  _kept(r.kept_weights, r.total_weights), _kept(r.kept_neurons, r.total_neurons),
                  f"{_si(r.live_connections)}/{_si(r.dense_connections)}"] for r in self.layers]
-        sum_of = lambda attr: sum(getattr(r, attr) for r in self.layers)  # noqa: E731
+
+        def sum_of(attr: str) -> float:
+            return sum(getattr(r, attr) for r in self.layers)
         rows.append(["total", "", _si(self.sops_per_sample), _si(self.first_layer_macs_per_sample), "",
                      _kept(sum_of("kept_weights"), sum_of("total_weights")),
                      _kept(sum_of("kept_neurons"), sum_of("total_neurons")),
                      f"{_si(sum_of('live_connections'))}/{_si(sum_of('dense_connections'))}"])
-        widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
-        align = lambda cells: "  ".join(  # noqa: E731
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-        rule = "-" * len(align(head))
-        lines = [align(head), rule, *map(align, rows[:-1]), rule, align(rows[-1]), ""]
+        lines = aligned(head, rows)
+        lines[-1:-1] = [lines[1]]  # a rule above the totals line
+        lines.append("")
         lines.append(f"energy/sample {_si(self.energy_pj_per_sample)}pJ = "
                      f"{_si(self.sops_per_sample)} SOPs x {self.pj_per_sop} pJ + "
                      f"{_si(self.first_layer_macs_per_sample)} first-layer MACs x {self.pj_per_mac} pJ")
@@ -210,6 +210,15 @@ class EnergyReport:
         return path
 
 
+def aligned(head: list[str], rows: list[list[str]], left: int = 2) -> list[str]:
+    """Lines of a text table: header, rule, rows; the first `left` columns left-aligned."""
+    widths = [max(len(c) for c in col) for col in zip(head, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return [line(head), "-" * len(line(head)), *map(line, rows)]
+
+
 def _si(x: float) -> str:
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= div:
@@ -225,7 +234,8 @@ def _kept(kept: int, total: int) -> str:
     return f"{kept}/{total} ({_pct(kept, total):.3g}%)"
 
 
-def _kind(layer: MaskedConv2d | MaskedLinear) -> str:
+def layer_kind(layer: MaskedConv2d | MaskedLinear) -> str:
+    """'fc', or 'conv3x3' with '/2' appended for a stride of 2."""
     if isinstance(layer, MaskedLinear):
         return "fc"
     (kh, kw), (s, _) = layer.kernel_size, layer.stride
@@ -253,6 +263,12 @@ def fanout_map(layer: MaskedConv2d | MaskedLinear, post_keep: torch.Tensor) -> t
 def _sum_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 accumulation at least: a half-precision sum rounds counts above 256 / 2048."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b hold the same elements (one is a reshaped view of the other)."""
+    return (a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype
+            and a.is_contiguous() and b.is_contiguous())
 
 
 def _owners(net: nn.Module) -> dict[nn.Module, tuple[str, nn.Module]]:
@@ -303,8 +319,10 @@ class SOPCounter:
         self._slices: dict[str, int] = {}
         self._spikes: dict[str, torch.Tensor] = {}
         self._elements: dict[str, int] = {}
+        self._pending: tuple[str, torch.Tensor] | None = None
         self._snapshot()
         self._handles.append(self.net.register_forward_pre_hook(self._count_samples))
+        self._handles.append(self.net.register_forward_hook(lambda *_: self._settle()))
         for name, layer in weight_layers(self.net):
             if layer.counted:
                 self._handles.append(layer.register_forward_pre_hook(self._sum_input(name, layer)))
@@ -318,6 +336,7 @@ class SOPCounter:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._pending = None
 
     def _snapshot(self) -> None:
         """Everything static: fan-out maps, keeps, connectivity, which layers are 'first'."""
@@ -342,7 +361,7 @@ class SOPCounter:
                 self._rate_of[name] = owner_name
                 self._blocks[owner_name] = owner
             self._layers.append(dict(
-                name=name, kind=_kind(layer), counted=layer.counted,
+                name=name, kind=layer_kind(layer), counted=layer.counted,
                 kept_weights=int(layer.keep().sum()), total_weights=layer.weight.numel(),
                 kept_neurons=int(post_keep.sum()), total_neurons=post_keep.numel(),
                 live_connections=live[name], dense_connections=conn.dense[name]))
@@ -360,6 +379,9 @@ class SOPCounter:
             s = x.sum(tuple(range(x.dim() - feature_dims)), dtype=_sum_dtype(x))
             acc = self._inputs.get(name)
             self._inputs[name] = s.double() if acc is None else acc.add_(s)
+            if self._pending is not None and _same_memory(x, self._pending[1]):
+                self._add_spikes(self._pending[0], s.sum())
+                self._pending = None
         return hook
 
     def _count_slices(self, name: str):
@@ -368,12 +390,23 @@ class SOPCounter:
         return hook
 
     def _sum_spikes(self, block: str):
+        """A block's spike total: most outputs are the very tensor the next counted layer reads,
+        whose input sum gives it for free; the rest are summed when the next block finishes."""
         def hook(module, args, out):
-            s = out.detach().sum(dtype=_sum_dtype(out))
-            acc = self._spikes.get(block)
-            self._spikes[block] = s.double() if acc is None else acc.add_(s)
+            self._settle()
+            self._pending = (block, out.detach())
             self._elements[block] = self._elements.get(block, 0) + out.numel()
         return hook
+
+    def _settle(self) -> None:
+        if self._pending is not None:
+            block, out = self._pending
+            self._add_spikes(block, out.sum(dtype=_sum_dtype(out)))
+            self._pending = None
+
+    def _add_spikes(self, block: str, total: torch.Tensor) -> None:
+        acc = self._spikes.get(block)
+        self._spikes[block] = total.double() if acc is None else acc.add_(total)
 
     def report(self, *, dense_reference_sops: float | None = None, pj_per_sop: float = PJ_PER_SOP,
                pj_per_mac: float = PJ_PER_MAC) -> EnergyReport:

@@ -4,9 +4,10 @@ Input x_seq is [T, N, ...]; output spikes have its shape and dtype. The membrane
 starts at v_reset on every call, so no state survives between batches (no reset_net).
 
 The time loop runs as one autograd node: forward and backward are torch.jit.script loops on
-CPU (in-place ops into preallocated buffers, neurons processed in cache-sized chunks) and
-Triton kernels on CUDA (model.neurons_triton). Backward needs only the charged potential
-H[t] (saved in the input dtype); spikes and the reset mask are recomputed from it.
+CPU (in-place ops into preallocated buffers; blocks of neurons run as parallel tasks, each
+through all T steps) and Triton kernels on CUDA (model.neurons_triton). Backward needs only
+the charged potential H[t] (saved in the input dtype); spikes and the reset mask are
+recomputed from it, and dL/dX is written over it.
 
 Internally the potential is shifted, U = V - v_reset, so the reset is always to 0 and the
 threshold is v_threshold - v_reset; with v_reset = 0 (the method's value) every operation
@@ -25,8 +26,9 @@ from model.surrogate import ALPHA
 # LIF without decay_input: H = U - U / tau + X.
 CHARGE_IF, CHARGE_LIF, CHARGE_LIF_NO_DECAY_INPUT = 0, 1, 2
 
-# Neurons per chunk: a chunk's working buffers stay in L2 across the T steps.
-CHUNK = 1 << 16
+# Neurons per CPU task: a task's buffers stay in L2 across the T steps, and at this size
+# (ATen's grain size) each op runs serially, so the tasks, not OpenMP, share the cores.
+CHUNK = 1 << 15
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,7 +41,8 @@ def _use_triton(x2: torch.Tensor) -> bool:
 
 
 def _chunk(x2: torch.Tensor) -> int:
-    """Neurons per chunk for x2 [T, M]: cache-sized on CPU, all at once elsewhere."""
+    """Neurons per task for x2 [T, M]: cache-sized on CPU; on other devices (CUDA without
+    triton, float64) one block, so ops stay on the caller's thread and stream."""
     return CHUNK if x2.device.type == "cpu" else max(x2.shape[1], 1)
 
 
@@ -54,60 +57,71 @@ def _below_above(u_th: float, dtype: torch.dtype) -> tuple[float, float]:
     return below.item(), above.item()
 
 
+def _forward_chunk(x_seq: torch.Tensor, spike_seq: torch.Tensor, h_seq: torch.Tensor,
+                   charge: int, tau: float, u_th: float, h_below: float, h_above: float,
+                   store_h: bool):
+    """One block of neurons through all T steps: x_seq [T, m] -> spike_seq, h_seq [T, m]
+    (written in place; h_seq only if store_h). The potential U stays in a [m] buffer."""
+    T, m = x_seq.shape[0], x_seq.shape[1]
+    cdt = torch.float32 if x_seq.dtype in (torch.float16, torch.bfloat16) else x_seq.dtype
+    low = cdt != x_seq.dtype
+    u = torch.zeros(m, dtype=cdt, device=x_seq.device)
+    h_buf = torch.empty(m, dtype=cdt, device=x_seq.device)
+    spike = torch.empty(m, dtype=cdt, device=x_seq.device)
+    for t in range(T):
+        x = x_seq[t]
+        if low:
+            x = x.to(cdt)
+        h = h_seq[t] if store_h and not low else h_buf
+        if charge == 0:
+            torch.add(u, x, out=h)
+        elif charge == 1:
+            torch.sub(x, u, out=h)
+            h.div_(tau)
+            h.add_(u)
+        else:
+            torch.div(u, tau, out=h)
+            torch.sub(u, h, out=h)
+            h.add_(x)
+        if not low:
+            spike = spike_seq[t]
+        torch.ge(h, u_th, out=spike)
+        # Hard reset to 0: U = H - H * S is exactly H (S = 0) or exactly 0 (S = 1).
+        torch.addcmul(h, h, spike, value=-1.0, out=u)
+        if low:
+            spike_seq[t].copy_(spike)
+            if store_h:
+                # Rounding is monotonic: clamped away from u_th, H rounds to the same side.
+                h_seq[t].copy_(torch.where(spike > 0, h.clamp_min(h_above),
+                                           h.clamp_max(h_below)))
+
+
 def _forward_loop(x_seq: torch.Tensor, charge: int, tau: float, u_th: float,
                   h_below: float, h_above: float, store_h: bool, chunk: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_seq [T, M] contiguous -> (spike_seq [T, M], h_seq [T, M] or empty), x_seq's dtype.
 
-    h_seq holds the charged (pre-reset) shifted potential H[t], only if store_h."""
-    T, M = x_seq.shape[0], x_seq.shape[1]
-    cdt = torch.float32 if x_seq.dtype in (torch.float16, torch.bfloat16) else x_seq.dtype
-    low = cdt != x_seq.dtype
+    h_seq holds the charged (pre-reset) shifted potential H[t], only if store_h. Blocks of
+    `chunk` neurons run as independent tasks on the inter-op thread pool."""
+    x_seq = x_seq.detach()
     spike_seq = torch.empty_like(x_seq)
     h_seq = torch.empty_like(x_seq) if store_h else x_seq.new_empty(0)
-    dev = x_seq.device
-    spike = torch.empty(0, dtype=cdt, device=dev)
-    h_buf = torch.empty(0, dtype=cdt, device=dev)
-    for c0 in range(0, M, chunk):
-        c1 = min(c0 + chunk, M)
-        u = torch.zeros(c1 - c0, dtype=cdt, device=dev)
-        if low or not store_h:
-            h_buf = torch.empty(c1 - c0, dtype=cdt, device=dev)
-        if low:
-            spike = torch.empty(c1 - c0, dtype=cdt, device=dev)
-        for t in range(T):
-            x = x_seq[t, c0:c1]
-            if low:
-                x = x.to(cdt)
-            h = h_seq[t, c0:c1] if store_h and not low else h_buf
-            if charge == 0:
-                torch.add(u, x, out=h)
-            elif charge == 1:
-                torch.sub(x, u, out=h)
-                h.div_(tau)
-                h.add_(u)
-            else:
-                torch.div(u, tau, out=h)
-                torch.sub(u, h, out=h)
-                h.add_(x)
-            if not low:
-                spike = spike_seq[t, c0:c1]
-            torch.ge(h, u_th, out=spike)
-            # Hard reset to 0: U = H - H * S is exactly H (S = 0) or exactly 0 (S = 1).
-            torch.addcmul(h, h, spike, value=-1.0, out=u)
-            if low:
-                spike_seq[t, c0:c1].copy_(spike)
-                if store_h:
-                    fired = spike > 0
-                    h_low = h.to(x_seq.dtype)
-                    h_seq[t, c0:c1].copy_(torch.where(fired, h_low.clamp_min(h_above),
-                                                      h_low.clamp_max(h_below)))
+    M = x_seq.shape[1]
+    if M <= chunk:  # one block (or a CUDA tensor without triton): no task to hand out
+        _forward_chunk(x_seq, spike_seq, h_seq, charge, tau, u_th, h_below, h_above, store_h)
+        return spike_seq, h_seq
+    tasks = [torch.jit.fork(_forward_chunk, x_seq[:, c0:c0 + chunk], spike_seq[:, c0:c0 + chunk],
+                            h_seq[:, c0:c0 + chunk] if store_h else h_seq,
+                            charge, tau, u_th, h_below, h_above, store_h)
+             for c0 in range(0, M, chunk)]
+    for task in tasks:
+        torch.jit.wait(task)
     return spike_seq, h_seq
 
 
-def _backward_loop(grad_spike: torch.Tensor, h_seq: torch.Tensor, dh_dx: float, dh_du: float,
-                   u_th: float, alpha: float, detach_reset: bool, chunk: int) -> torch.Tensor:
-    """BPTT through the recurrence. grad_spike, h_seq [T, M] contiguous -> grad_x [T, M].
+def _backward_chunk(grad_spike: torch.Tensor, h_seq: torch.Tensor, dh_dx: float, dh_du: float,
+                    u_th: float, alpha: float, detach_reset: bool):
+    """BPTT for one block of neurons: grad_spike, h_seq [T, m] -> dL/dX written over h_seq.
 
     With S = step(H - u_th), sg = a / (1 + c (H - u_th)^2) (ATan', a = alpha / 2,
     c = (pi a)^2) and U[t] = H[t] (1 - S[t]):
@@ -116,11 +130,9 @@ def _backward_loop(grad_spike: torch.Tensor, h_seq: torch.Tensor, dh_dx: float, 
     so dL/dX[t] = dh_dx a dL/dS[t] / (1 + c (H - u_th)^2) + dh_du (1 - S[t]) dL/dX[t+1]
     (plus the reset's path): five elementwise passes per step, all float (torch.where and
     masked_fill_ with a bool mask are several times slower than a float multiply on CPU).
-
-    grad_x is written over h_seq (each H[t] is read before its slot is written): a fresh
-    [T, M] buffer would cost as much in page faults as the whole loop costs in arithmetic.
+    Each H[t] is read before its slot receives dL/dX[t].
     """
-    T, M = h_seq.shape[0], h_seq.shape[1]
+    T, m = h_seq.shape[0], h_seq.shape[1]
     cdt = torch.float32 if h_seq.dtype in (torch.float16, torch.bfloat16) else h_seq.dtype
     low = cdt != h_seq.dtype
     dev = h_seq.device
@@ -129,32 +141,48 @@ def _backward_loop(grad_spike: torch.Tensor, h_seq: torch.Tensor, dh_dx: float, 
     k_s = dh_dx * a
     # addcmul(1 / k_s, d, d, c / k_s) then gs / that = k_s gs / (1 + c d^2) in two passes.
     inv_k_s = torch.full((), 1.0 / k_s, dtype=cdt, device=dev)
-    grad_x = h_seq
-    for c0 in range(0, M, chunk):
-        c1 = min(c0 + chunk, M)
-        nxt = torch.zeros(c1 - c0, dtype=cdt, device=dev)  # dL/dX[t+1]
-        not_fired = torch.empty(c1 - c0, dtype=cdt, device=dev)  # 1 - S[t]
-        d = torch.empty(c1 - c0, dtype=cdt, device=dev)
-        gx_buf = torch.empty(c1 - c0, dtype=cdt, device=dev)
-        for t in range(T - 1, -1, -1):
-            h = h_seq[t, c0:c1]
-            gs = grad_spike[t, c0:c1]
-            if low:
-                h = h.to(cdt)
-                gs = gs.to(cdt)
-            if not detach_reset:
-                # The reset's path through S adds sg (-H dL/dU[t]) = sg (-H dh_du / dh_dx dL/dX[t+1]).
-                gs = torch.addcmul(gs, nxt, h, value=-dh_du / dh_dx)
-            torch.sub(h, u_th, out=d)
-            torch.lt(d, 0.0, out=not_fired)
-            torch.addcmul(inv_k_s, d, d, value=c / k_s, out=d)
-            torch.div(gs, d, out=d)
-            gx = gx_buf if low else grad_x[t, c0:c1]
-            torch.addcmul(d, nxt, not_fired, value=dh_du, out=gx)
-            if low:
-                grad_x[t, c0:c1].copy_(gx)
-            nxt = gx
-    return grad_x
+    nxt = torch.zeros(m, dtype=cdt, device=dev)  # dL/dX[t+1]
+    not_fired = torch.empty(m, dtype=cdt, device=dev)  # 1 - S[t]
+    d = torch.empty(m, dtype=cdt, device=dev)
+    gx_buf = torch.empty(m, dtype=cdt, device=dev)
+    for t in range(T - 1, -1, -1):
+        h = h_seq[t]
+        gs = grad_spike[t]
+        if low:
+            h = h.to(cdt)
+            gs = gs.to(cdt)
+        if not detach_reset:
+            # The reset's path through S: sg (-H dL/dU[t]), dL/dU[t] = dh_du / dh_dx dL/dX[t+1].
+            gs = torch.addcmul(gs, nxt, h, value=-dh_du / dh_dx)
+        torch.sub(h, u_th, out=d)
+        torch.lt(d, 0.0, out=not_fired)
+        torch.addcmul(inv_k_s, d, d, value=c / k_s, out=d)
+        torch.div(gs, d, out=d)
+        gx = gx_buf if low else h_seq[t]
+        torch.addcmul(d, nxt, not_fired, value=dh_du, out=gx)
+        if low:
+            h_seq[t].copy_(gx)
+        nxt = gx
+
+
+def _backward_loop(grad_spike: torch.Tensor, h_seq: torch.Tensor, dh_dx: float, dh_du: float,
+                   u_th: float, alpha: float, detach_reset: bool, chunk: int) -> torch.Tensor:
+    """BPTT through the recurrence. grad_spike, h_seq [T, M] contiguous -> grad_x [T, M],
+    in blocks of `chunk` neurons on the inter-op thread pool (see _backward_chunk).
+
+    grad_x is written over h_seq: a fresh [T, M] buffer would cost as much in page faults
+    as the whole loop costs in arithmetic."""
+    grad_spike, h_seq = grad_spike.detach(), h_seq.detach()
+    M = h_seq.shape[1]
+    if M <= chunk:
+        _backward_chunk(grad_spike, h_seq, dh_dx, dh_du, u_th, alpha, detach_reset)
+        return h_seq
+    tasks = [torch.jit.fork(_backward_chunk, grad_spike[:, c0:c0 + chunk], h_seq[:, c0:c0 + chunk],
+                            dh_dx, dh_du, u_th, alpha, detach_reset)
+             for c0 in range(0, M, chunk)]
+    for task in tasks:
+        torch.jit.wait(task)
+    return h_seq
 
 
 def _slopes(charge: int, tau: float) -> tuple[float, float]:
@@ -170,7 +198,8 @@ def _script(fn):
     # torch.jit.script is deprecated in favour of torch.compile, but needs no C++ toolchain
     # at run time and removes the per-step Python overhead, which is all we want here.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*",
+                                category=DeprecationWarning)
         return torch.jit.script(fn)
 
 
@@ -183,10 +212,9 @@ class _MultiStepSpiking(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_seq: torch.Tensor, charge: int, tau: float, u_th: float,
-                detach_reset: bool) -> torch.Tensor:
+                detach_reset: bool, store_h: bool) -> torch.Tensor:
         T = x_seq.shape[0]
         x2 = x_seq.contiguous().view(T, -1)
-        store_h = ctx.needs_input_grad[0]
         below, above = (_below_above(u_th, x2.dtype) if _compute_dtype(x2.dtype) != x2.dtype
                         else (u_th, u_th))
         if _use_triton(x2):
@@ -215,7 +243,15 @@ class _MultiStepSpiking(torch.autograd.Function):
         else:
             grad_x = _backward_loop_cpu(g2, h2, dh_dx, dh_du, u_th, ALPHA, detach_reset,
                                         _chunk(h2))
-        return grad_x.view(grad_spike.shape), None, None, None, None
+        return grad_x.view(grad_spike.shape), None, None, None, None, None
+
+
+def _multi_step(x_seq: torch.Tensor, charge: int, tau: float, u_th: float,
+                detach_reset: bool) -> torch.Tensor:
+    """x_seq [T, ...] -> spikes [T, ...]; H is kept for backward only when a graph is built
+    (ctx.needs_input_grad stays True under torch.no_grad, so it is decided here)."""
+    store_h = torch.is_grad_enabled() and x_seq.requires_grad
+    return _MultiStepSpiking.apply(x_seq, charge, tau, u_th, detach_reset, store_h)
 
 
 class MultiStepLIF(nn.Module):
@@ -234,8 +270,8 @@ class MultiStepLIF(nn.Module):
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """x_seq [T, N, ...] float -> spikes [T, N, ...] (0/1, x_seq's dtype)."""
         charge = CHARGE_LIF if self.decay_input else CHARGE_LIF_NO_DECAY_INPUT
-        return _MultiStepSpiking.apply(x_seq, charge, self.tau,
-                                       self.v_threshold - self.v_reset, self.detach_reset)
+        return _multi_step(x_seq, charge, self.tau, self.v_threshold - self.v_reset,
+                           self.detach_reset)
 
     def extra_repr(self) -> str:
         return (f"tau={self.tau}, v_threshold={self.v_threshold}, v_reset={self.v_reset}, "
@@ -253,8 +289,8 @@ class MultiStepIF(nn.Module):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """x_seq [T, N, ...] float -> spikes [T, N, ...] (0/1, x_seq's dtype)."""
-        return _MultiStepSpiking.apply(x_seq, CHARGE_IF, 0.0,
-                                       self.v_threshold - self.v_reset, self.detach_reset)
+        return _multi_step(x_seq, CHARGE_IF, 0.0, self.v_threshold - self.v_reset,
+                           self.detach_reset)
 
     def extra_repr(self) -> str:
         return (f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, "

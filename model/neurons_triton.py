@@ -39,12 +39,13 @@ if AVAILABLE:
             else:
                 h = u - tl.math.div_rn(u, tau) + x
             fired = h >= u_th
-            tl.store(spike_ptr + idx, fired.to(spike_ptr.dtype.element_ty), mask=mask)
+            spike = tl.where(fired, 1.0, 0.0)
+            tl.store(spike_ptr + idx, spike.to(spike_ptr.dtype.element_ty), mask=mask)
             if STORE_H:
                 if LOW:
-                    h_q = h.to(h_ptr.dtype.element_ty).to(tl.float32)
-                    h_q = tl.where(fired, tl.maximum(h_q, h_above), tl.minimum(h_q, h_below))
-                    tl.store(h_ptr + idx, h_q.to(h_ptr.dtype.element_ty), mask=mask)
+                    # Rounding is monotonic: clamped away from u_th, H rounds to the same side.
+                    h_c = tl.where(fired, tl.maximum(h, h_above), tl.minimum(h, h_below))
+                    tl.store(h_ptr + idx, h_c.to(h_ptr.dtype.element_ty), mask=mask)
                 else:
                     tl.store(h_ptr + idx, h, mask=mask)
             u = tl.where(fired, 0.0, h)

@@ -15,6 +15,7 @@ import sys
 
 import torch.nn as nn
 
+from model.energy import aligned, layer_kind
 from model.masks import MaskedConv2d, NeuronMask, masked_modules, set_mask_mode, weight_layers
 from model.penalty import penalty_terms
 from model.registry import MODELS, build_model
@@ -44,14 +45,12 @@ def structure_summary(net: nn.Module) -> dict:
     for name, layer in weight_layers(net):
         nmask = getattr(owners[layer], "nmask", None)
         if isinstance(layer, MaskedConv2d):
-            (kh, kw), (s, _) = layer.kernel_size, layer.stride
-            kind = f"conv{kh}x{kw}" + (f"/{s}" if s > 1 else "")
             shape_in = (layer.in_channels, *layer.in_hw)
             shape_out = (layer.out_channels, *layer.out_hw)
         else:
-            kind, shape_in, shape_out = "fc", (layer.in_features,), (layer.out_features,)
+            shape_in, shape_out = (layer.in_features,), (layer.out_features,)
         rows.append({
-            "name": name, "kind": kind, "input": list(shape_in), "output": list(shape_out),
+            "name": name, "kind": layer_kind(layer), "input": list(shape_in), "output": list(shape_out),
             "weights": layer.weight.numel(), "weight_mask": layer.logits is not None,
             "neuron_mask": nmask is not None and nmask.logits is not None, "counted": layer.counted,
             "e_w": e_w.get(id(layer)), "e_n": e_n.get(id(nmask)) if nmask is not None else None,
@@ -74,12 +73,9 @@ def _table(summary: dict) -> str:
     rows = [[r["name"], r["kind"], "x".join(map(str, r["input"])), "x".join(map(str, r["output"])),
              f"{r['weights']:,}", ("w" if r["weight_mask"] else "") + ("n" if r["neuron_mask"] else "") or "-",
              fmt(r["e_w"]), fmt(r["e_n"]), f"{r['dense_connections']:,}"] for r in summary["layers"]]
-    widths = [max(len(c) for c in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(  # noqa: E731
-        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     sums = summary["penalty_coefficient_sums"]
     return "\n".join([
-        line(head), "-" * len(line(head)), *map(line, rows), "",
+        *aligned(head, rows), "",
         f"weights                     {summary['weights']:,}",
         f"prunable_weights            {summary['prunable_weights']:,}",
         f"prunable_neurons            {summary['prunable_neurons']:,}",

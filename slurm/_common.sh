@@ -14,8 +14,9 @@ die() { echo "[$(date '+%F %T')] error: $*" >&2; exit 2; }
 # `scancel --signal=USR1 --batch JOBID` (preemption by hand). It is forwarded to srun, which
 # forwards it to every task; each rank saves a checkpoint at its next optimizer step and exits
 # with 75. Then this job requeues itself: same job id, so the same RUN_DIR, so the next start
-# resumes from `latest` into the same MLflow run. TERM (scancel, time limit) is forwarded
-# too: the ranks save and exit 143 and the job ends without a requeue.
+# resumes from `latest` into the same MLflow run. (`scancel --signal=USR1 JOBID` signals the
+# ranks directly: they exit 75 and the job requeues the same way.) TERM (scancel, time limit)
+# is forwarded too: the ranks save and exit 143 and the job ends without a requeue.
 # The step must run in the background: bash runs a trap only after the foreground command ends.
 run_requeueable() {
     STEP_SIGNAL=""
@@ -63,12 +64,13 @@ train_job() {
     fi
     local ranks=${SLURM_NTASKS:-1}
     if [ -n "${GLOBAL_BATCH:-}" ]; then
+        [[ "$GLOBAL_BATCH" =~ ^[1-9][0-9]*$ ]] || die "GLOBAL_BATCH=$GLOBAL_BATCH is not a positive integer"
         (( GLOBAL_BATCH % ranks == 0 )) || die "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of the $ranks tasks"
         args+=("data.batch_size=$(( GLOBAL_BATCH / ranks ))")
     fi
     local srun_args=()
     if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
-        # srun (22.05+) does not inherit --cpus-per-task from sbatch; the CPUs feed FFCV's workers.
+        # srun 22.05-23.02 does not inherit --cpus-per-task from sbatch; the CPUs feed FFCV's workers.
         srun_args+=("--cpus-per-task=$SLURM_CPUS_PER_TASK")
         args+=("data.num_workers=$SLURM_CPUS_PER_TASK")
     fi
@@ -76,6 +78,14 @@ train_job() {
     read -r -a extra <<< "${EXTRA_ARGS:-}"
     args+=("${extra[@]}" "$@")
 
+    # Rank variables from the submitting shell (a torchrun session, say) would override SLURM's.
+    local v
+    for v in RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE; do
+        if [ -n "${!v:-}" ]; then
+            log "ignoring $v=${!v} from the submitting environment (ranks come from srun)"
+            unset "$v"
+        fi
+    done
     if [ -z "${MLFLOW_TRACKING_URI:-}" ]; then
         log "MLFLOW_TRACKING_URI is not set: rank 0 tracks into sqlite:///$PWD/mlruns.db (use an MLflow server for several jobs)"
     fi

@@ -13,9 +13,9 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,9 +63,10 @@ def sqlite_uri(path: Path) -> str:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This environment minus any rank / master / tracking variables, plus `extra`."""
+    """This environment minus any rank / master / tracking variables, plus `extra`; CPU only
+    (the tests are about CPU/gloo runs, also on a machine with a GPU)."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), **extra)
+    env.update(PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO), **extra)
     return env
 
 
@@ -73,14 +74,39 @@ def train_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "launcher.train", "--config", str(TINY_CONFIG), *args]
 
 
-def run_train(args: list[str], timeout: float = 240, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    """`python -m launcher.train --config configs/test_tiny.yaml ARGS` to completion."""
-    proc = subprocess.run(train_cmd(*args), cwd=REPO, env=clean_env(**env), capture_output=True,
+def run_train(args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    """`python -m launcher.train --config configs/test_tiny.yaml ARGS` to a successful end."""
+    proc = subprocess.run(train_cmd(*args), cwd=REPO, env=clean_env(), capture_output=True,
                           text=True, timeout=timeout)
-    if check and proc.returncode != 0:
+    if proc.returncode != 0:
         raise AssertionError(f"training exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-4000:]}")
     return proc
+
+
+@dataclass
+class FinishedRun:
+    run_dir: Path
+    store: str
+    args: list[str]
+    stdout: str
+    stderr: str
+
+
+_reference: dict[Path, FinishedRun] = {}
+
+
+def reference_run(base: Path) -> FinishedRun:
+    """configs/test_tiny.yaml trained to the end with an MLflow SQLite store, once per session
+    (under `base/reference`): the uninterrupted run the other tests compare against."""
+    base = Path(base)
+    if base not in _reference:
+        root = base / "reference"
+        store = sqlite_uri(root / "mlruns.db")
+        args = overrides(tiny_data(base), root / "run", store)
+        proc = run_train(args)
+        _reference[base] = FinishedRun(root / "run", store, args, proc.stdout, proc.stderr)
+    return _reference[base]
 
 
 def free_port() -> int:
@@ -119,10 +145,6 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
     return {k: float((a[k].double() - b[k].double()).abs().max()) for k in a
             if a[k].is_floating_point() and a[k].numel()}
-
-
-def finite(values) -> bool:
-    return bool(np.all(np.isfinite(np.asarray(list(values), dtype=float))))
 
 
 # --------------------------------------------------------------------------- rank probe
@@ -169,7 +191,8 @@ def _probe(argv: list[str]) -> int:
         params = {k: v for k, v in ctx.net.named_parameters()}
         buffers = {k: v for k, v in state.items() if k not in params}
         record["epochs"].append({"phase": phase, "epoch": epoch, "step": ctx.state.step,
-                                 "train_loss": train_loss, "params": state_digest(params),
+                                 "train_loss": train_loss, "state": state_digest(state),
+                                 "params": state_digest(params),
                                  "buffers": state_digest(buffers),
                                  "masks": state_digest(masks_of(state))})
         return real_end_of_epoch(ctx, phase, epoch, train_loss)

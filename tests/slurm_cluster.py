@@ -6,10 +6,10 @@ slurmd (`slurmd -N nodeX`, distinct ports), every file under one temp folder.
         cluster.wait_for(job, {"COMPLETED"})
 
 Settings are the ones that work without cgroups or systemd (../shared/stack.md, SLURM).
-Every daemon runs in the foreground as our child, so it is stopped by its own PID; job
-processes (slurmstepd daemonizes) are cancelled first and any left over are found by the
-unique SLURM_CONF path in their environment and killed by PID. `stop()` is idempotent
-and also registered with atexit, so an interrupted test session leaves nothing running.
+Every daemon runs in the foreground as our child, so it is stopped by its own PID. Jobs are
+cancelled first; whatever is left of them (slurmstepd daemonizes) is found as the slurmstepd
+processes carrying our unique SLURM_CONF path, plus their descendants, and killed by PID.
+`stop()` is idempotent and registered with atexit: an interrupted session leaves nothing.
 
     python tests/slurm_cluster.py [NODES]    starts a cluster and waits (Ctrl-C stops it)
 prints the `export SLURM_CONF=...` line to use it from another shell.
@@ -250,33 +250,54 @@ class SlurmCluster:
     # ------------------------------------------------------------------ tear-down
 
     def _job_pids(self) -> list[int]:
-        """Processes started for our jobs (slurmstepd, srun, tasks): their environment holds our
-        SLURM_CONF path, which no one else's can."""
+        """What is left of our jobs: every slurmstepd whose environment holds our SLURM_CONF
+        path (inherited from our slurmd; no one else's can hold it), and all its descendants
+        (batch script, srun, tasks)."""
         marker = f"SLURM_CONF={self.conf}".encode()
-        ours = {p.pid for p in self._procs.values()} | {os.getpid()}
-        pids = []
+        children: dict[int, list[int]] = {}
+        roots = []
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) in ours:
+            if not entry.name.isdigit():
                 continue
+            pid = int(entry.name)
             try:
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
+                stat = (entry / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(pid)
+                if (entry / "cmdline").read_bytes().startswith(b"slurmstepd") and \
+                        marker in (entry / "environ").read_bytes().split(b"\0"):
+                    roots.append(pid)
+            except (OSError, IndexError, ValueError):
                 continue
-        return pids
+        found, todo = [], list(roots)
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+        return found
+
+    def _cancel_jobs(self) -> None:
+        if "slurmctld" not in self._procs or self._procs["slurmctld"].poll() is not None:
+            return
+        ids = self.run("squeue", "-h", "-o", "%i", check=False, timeout=15).stdout.split()
+        if ids:
+            self.run("scancel", *ids, check=False, timeout=15)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.run("squeue", "-h", check=False, timeout=15).stdout.strip():
+                time.sleep(0.5)
 
     def stop(self) -> None:
         """Cancel jobs, then stop slurmd(s), slurmctld and munged by PID (safe to call twice)."""
         if self._stopped:
             return
         self._stopped = True
-        if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
-            ids = self.run("squeue", "-h", "-o", "%i", check=False, timeout=15).stdout.split()
-            if ids:
-                self.run("scancel", *ids, check=False, timeout=15)
-                deadline = time.monotonic() + 20
-                while time.monotonic() < deadline and self.run("squeue", "-h", check=False, timeout=15).stdout.strip():
-                    time.sleep(0.5)
+        try:
+            self._cancel_jobs()
+        except (OSError, subprocess.SubprocessError) as exc:  # the daemons must go regardless
+            print(f"slurm_cluster: cancelling jobs failed ({exc}); killing what is left", flush=True)
+        deadline = time.monotonic() + 5  # slurmstepd needs a moment to clean up after a job
+        while self._job_pids() and time.monotonic() < deadline:
+            time.sleep(0.25)
         for pid in self._job_pids():
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -13,7 +13,8 @@ sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
 from spikingjelly.activation_based import functional as sj_functional  # noqa: E402
 from spikingjelly.activation_based import surrogate as sj_surrogate  # noqa: E402
 
-SHAPES = {"conv": (8, 4, 3, 6, 5), "fc": (8, 6, 40)}
+# "wide" has more neurons than one CPU task takes (model.neurons.CHUNK), the last block partial.
+SHAPES = {"conv": (8, 4, 3, 6, 5), "fc": (8, 6, 40), "wide": (4, 3, 30001)}
 
 
 def make_pair(kind: str, detach_reset: bool = True, decay_input: bool = True, v_reset: float = 0.0):

@@ -30,7 +30,7 @@ CASES = {
     # SEW ADD: integer inputs, strided 3x3 and 1x1 downsample convs
     "sew_resnet18": (dict(width=1 / 16, input_size=32), (3, 32, 32)),
     # Bottleneck blocks (1x1 -> 3x3/s -> 1x1) with ADD
-    "sew_resnet50": (dict(width=1 / 16, input_size=32), (3, 32, 32)),
+    "sew_resnet50": (dict(width=1 / 16, input_size=16), (3, 16, 16)),
 }
 BATCHES = (3, 3, 2)  # a partial last batch: 8 samples, not 9
 
@@ -293,3 +293,27 @@ def test_dense_reference_run():
     assert pruned.connectivity < 1.0
     assert pruned.energy_ratio == dense.sops_per_sample / pruned.sops_per_sample
     assert pruned.energy_ratio > 1.0
+
+
+@pytest.mark.parametrize("name", ["cifar10_6conv2fc", "sew_resnet18"])
+def test_firing_rates_equal_recorded_outputs(name):
+    """Per-layer firing rate = mean of its block's output spikes, recorded by our own hooks
+    (the counter reuses the next layer's input sums where it can: both paths are checked)."""
+    net = lively_random_net(name, seed=5)
+    outputs: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for bname, block in net.named_modules():
+        if isinstance(block, (ConvBNSpike, LinearSpike)) and block.neuron is not None:
+            outputs[bname] = []
+            # (skip the counter's own structural pass, which runs the blocks on alive maps)
+            handles.append(block.register_forward_hook(
+                lambda mod, args, out, lst=outputs[bname]: None if mod.structural else lst.append(out.clone())))
+    report = measure_energy(net, make_batches(name, seed=6))
+    for h in handles:
+        h.remove()
+    rows = {r.name: r for r in report.layers}
+    for bname, outs in outputs.items():
+        layer = f"{bname}.conv" if f"{bname}.conv" in rows else f"{bname}.fc"
+        expected = sum(float(o.double().sum()) for o in outs) / sum(o.numel() for o in outs)
+        assert rows[layer].firing_rate == pytest.approx(expected, rel=1e-6, abs=1e-12), layer
+    assert any(r.firing_rate for r in report.layers)

@@ -120,8 +120,9 @@ def _render(head: list[str], rows: list[list[str]]) -> str:
 
 def table(trials: list[TrialOutcome], param_keys: list[str]) -> str:
     """Fixed-width text table, one row per trial, in the given order."""
-    head = ["trial", *_head(param_keys)]
-    rows = [[t.trial_id, *_columns(t, param_keys)] for t in trials]
+    head = ["trial", "status", *_head(param_keys)]
+    rows = [[t.trial_id, t.status + (f" ({t.failures} retries)" if t.failures else ""),
+             *_columns(t, param_keys)] for t in trials]
     return _render(head, rows)
 
 
@@ -157,9 +158,13 @@ def plot(path: str | os.PathLike, trials: list[TrialOutcome], answers: list[Budg
                    color="tab:blue", zorder=4)
     for i, a in enumerate(answers):
         ax.axvline(a.budget, color="tab:red", ls="--", lw=1, label="budgets" if i == 0 else None)
-        if a.feasible:
-            ax.scatter([a.best.sops_per_sample], [100 * a.best.val_top1], s=140, marker="*",
-                       color="tab:red", zorder=5, label="best within budget" if i == 0 else None)
+    best = [a.best for a in answers if a.feasible]
+    if best:
+        ax.scatter([b.sops_per_sample for b in best], [100 * b.val_top1 for b in best], s=140,
+                   marker="*", color="tab:red", zorder=5, label="best within a budget")
+    xs = [t.sops_per_sample for t in done] + [a.budget for a in answers]
+    if min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
     ax.set_xlabel("SOPs per sample (hardened, fine-tuned net; validation)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("accuracy vs synaptic operations")

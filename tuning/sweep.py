@@ -30,7 +30,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,26 +99,6 @@ class EpochLog:
         return max(self.epochs.values(), key=lambda m: m["step"])
 
 
-def _thread_safe_preemption_handler() -> None:
-    """Ray runs a function trainable in a thread, where `signal.signal` raises ValueError, so
-    the launcher's PreemptionHandler cannot install there. Tune itself stops, pauses and
-    retries trials, so inside a trial the handler stays passive.
-    TODO: drop once launcher.checkpoint.PreemptionHandler.install skips non-main threads."""
-    from launcher.checkpoint import PreemptionHandler
-
-    install = PreemptionHandler.install
-    if getattr(install, "main_thread_only", False):
-        return
-
-    def main_thread_install(self):
-        if threading.current_thread() is threading.main_thread():
-            return install(self)
-        return self
-
-    main_thread_install.main_thread_only = True
-    PreemptionHandler.install = main_thread_install
-
-
 def _numbers(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -136,7 +115,6 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
 
     from launcher.train import train
 
-    _thread_safe_preemption_handler()
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(setup.sweep_dir) / trial_dirname_for(trial_id) / "run"
     overrides = [*setup.train_overrides, *(f"{k}={v}" for k, v in sorted(config.items())),
@@ -299,7 +277,6 @@ def connect_ray(cfg: SweepConfig) -> None:
         ray.init(num_cpus=cfg.local_cpus, _temp_dir=_ray_temp_dir(cfg.sweep_dir),
                  include_dashboard=False)
         return
-    check_reachable(cfg.address)
     try:
         ray.init(address=cfg.address)
     except ConnectionError as exc:
@@ -405,8 +382,9 @@ def write_outputs(cfg: SweepConfig, outcomes: list[TrialOutcome], tracker: Track
     counts = {s: sum(t.status == s for t in outcomes) for s in ("finished", "early_stopped", "error", "unfinished")}
     text = "\n\n".join([
         f"sweep {cfg.name}: {len(outcomes)} trials, " + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
-        "all trials (val_top1 and SOPs/sample: fine-tuned hardened net on the validation split; "
-        "status in summary.json)\n" + pareto.table(outcomes, keys),
+        "all trials (val_top1 and SOPs/sample: the fine-tuned hardened net on the validation "
+        "split; test_top1, connectivity, energy: the launcher's final report on the test split)\n"
+        + pareto.table(outcomes, keys),
         "Pareto front (finished trials only)\n" + pareto.table(front, keys),
         "best trial per budget\n" + pareto.budget_table(answers, keys),
         "\n".join(a.message() for a in answers),
@@ -442,6 +420,8 @@ def run_sweep(cfg: SweepConfig, trainable=run_trial) -> dict:
     from ray.tune.utils import flatten_dict
 
     train_cfg = base_train_config(cfg)
+    if cfg.address is not None:
+        check_reachable(cfg.address)  # before anything is written
     out = cfg.sweep_dir
     saved = out / "sweep_config.yaml"
     restoring = tune.Tuner.can_restore(str(out))
@@ -451,19 +431,18 @@ def run_sweep(cfg: SweepConfig, trainable=run_trial) -> dict:
     if not saved.is_file():
         saved.write_text(sweep_config_yaml(cfg))
 
-    from launcher.train import ensure_demo_data
-
-    ensure_demo_data(train_cfg)  # once here: concurrent trials would all write it
-    tracker = parent_tracker(cfg, train_cfg)
-    if not restoring:
-        tracker.log_params(flatten_dict(to_dict(cfg), delimiter="."))
-        tracker.log_artifact(saved)
-    setup = trial_setup(cfg, train_cfg, tracker.run_id)
-    resources = {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus}
-    fn = tune.with_resources(tune.with_parameters(trainable, setup=setup), resources)
-
     connect_ray(cfg)
     try:
+        from launcher.train import ensure_demo_data
+
+        ensure_demo_data(train_cfg)  # once here: concurrent trials would all write it
+        tracker = parent_tracker(cfg, train_cfg)
+        if not restoring:
+            tracker.log_params(flatten_dict(to_dict(cfg), delimiter="."))
+            tracker.log_artifact(saved)
+        setup = trial_setup(cfg, train_cfg, tracker.run_id)
+        resources = {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus}
+        fn = tune.with_resources(tune.with_parameters(trainable, setup=setup), resources)
         if restoring:
             print(f"continuing the sweep in {out}", flush=True)
             tuner = tune.Tuner.restore(str(out), trainable=fn, resume_unfinished=True, resume_errored=True)
@@ -478,8 +457,7 @@ def run_sweep(cfg: SweepConfig, trainable=run_trial) -> dict:
                 run_config=tune.RunConfig(
                     name=cfg.name, storage_path=str(out.parent),
                     failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    log_to_file=True))
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
     finally:
         import ray
@@ -521,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as exc:
         print(f"sweep error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one makes Tune stop and save)
+        print("sweep interrupted; run the same command again to continue", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return EXIT_INTERRUPTED if doc["interrupted"] else 0
 
 
