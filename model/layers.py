@@ -31,6 +31,7 @@ def _record(layer, a_in: torch.Tensor, count: torch.Tensor, post_keep: torch.Ten
     connections are counted only into kept post-neurons, per time step and sample.
     """
     slices = a_in.shape[0]
+    post_keep = post_keep.to(count.device)
     live = count * post_keep.to(count.dtype)
     layer.live_connections = float(live.sum()) / slices
     return ((count > 0) & post_keep).to(count.dtype)

@@ -54,7 +54,7 @@ if AVAILABLE:
     def _backward_kernel(gs_ptr, h_ptr, T, M, dh_dx, dh_du, u_th, a, c,
                          DETACH_RESET: tl.constexpr, BLOCK: tl.constexpr):
         """gs, h: [T, M] contiguous; dL/dX[t] overwrites H[t] (same formula as the scripted
-        model.neurons._backward_loop)."""
+        model.neurons._backward_chunk)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < M
         nxt = tl.zeros([BLOCK], dtype=tl.float32)  # dL/dX[t+1]
@@ -77,11 +77,15 @@ def forward(x2: torch.Tensor, charge: int, tau: float, u_th: float, h_below: flo
     T, M = x2.shape
     spike2 = torch.empty_like(x2)
     h2 = torch.empty_like(x2) if store_h else x2.new_empty(0)
+    if M == 0:
+        return spike2, h2
     grid = (triton.cdiv(M, BLOCK),)
-    # Without STORE_H the kernel never touches h_ptr; x2 stands in for a valid pointer.
-    _forward_kernel[grid](x2, spike2, h2 if store_h else x2, T, M, tau, u_th, h_below, h_above,
-                          CHARGE=charge, STORE_H=store_h, LOW=x2.dtype != torch.float32,
-                          BLOCK=BLOCK)
+    # Triton launches on the current device, which need not be x2's.
+    with torch.cuda.device(x2.device):
+        # Without STORE_H the kernel never touches h_ptr; x2 stands in for a valid pointer.
+        _forward_kernel[grid](x2, spike2, h2 if store_h else x2, T, M, tau, u_th, h_below,
+                              h_above, CHARGE=charge, STORE_H=store_h,
+                              LOW=x2.dtype != torch.float32, BLOCK=BLOCK)
     return spike2, h2
 
 
@@ -91,7 +95,10 @@ def backward(g2: torch.Tensor, h2: torch.Tensor, dh_dx: float, dh_du: float, u_t
     T, M = h2.shape
     a = alpha / 2
     c = (torch.pi * a) ** 2
+    if M == 0:
+        return h2
     grid = (triton.cdiv(M, BLOCK),)
-    _backward_kernel[grid](g2, h2, T, M, dh_dx, dh_du, u_th, a, c,
-                           DETACH_RESET=detach_reset, BLOCK=BLOCK)
+    with torch.cuda.device(h2.device):
+        _backward_kernel[grid](g2, h2, T, M, dh_dx, dh_du, u_th, a, c,
+                               DETACH_RESET=detach_reset, BLOCK=BLOCK)
     return h2

@@ -32,7 +32,8 @@ def _structural(net: nn.Module):
 def structural_pass(net: nn.Module) -> dict[str, float]:
     """Live connections per time step and sample, per weight layer, under the current masks."""
     with _structural(net):
-        net(torch.ones((1, *net.input_shape)))
+        device = next(net.parameters()).device
+        net(torch.ones((1, *net.input_shape), device=device))
     return {name: layer.live_connections for name, layer in weight_layers(net)}
 
 

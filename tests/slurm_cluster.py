@@ -95,7 +95,10 @@ class SlurmCluster:
         self.munge_socket = self.root / "munge" / "munge.socket"
         self._procs: dict[str, subprocess.Popen] = {}
         self._stopped = False
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        # In-process tests before us may have exported a rank and held MASTER_PORT: jobs must
+        # start from a clean distributed environment, as a user's login shell does.
+        leaked = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+        self.env = {**{k: v for k, v in os.environ.items() if k not in leaked}, "SLURM_CONF": str(self.conf)}
 
     # ------------------------------------------------------------------ set-up
 

@@ -9,8 +9,9 @@ fine-tuned hardened network's validation accuracy and SOPs per sample. The searc
 multi-objective (Optuna TPE: maximise val_top1, minimise SOPs, with "SOPs over the largest
 budget" as an Optuna constraint), so one sweep answers every budget: for each budget the most
 accurate finished trial within it. ASHA stops trials that trail in hard-mask validation
-accuracy during the search phase; stopped trials never made a finished network and are kept
-out of the front and the answers.
+accuracy during the search phase, ranking a trial over the largest budget below every trial
+within it (`rung_score`); stopped trials never made a finished network and are kept out of
+the front and the answers.
 
 Everything lives in `storage_path/name/` (the sweep dir): Tune's experiment state, one folder
 per trial (`trial_<id>/run` is the launcher's run dir, with its checkpoints), and the outputs
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -41,7 +43,12 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
     sys.exit(main())
 
+import ray
 import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils import flatten_dict
 
 from launcher.config import Config, ConfigError, load_config
 from launcher.tracking import Tracker, ensure_store, resolve_tracking_uri
@@ -72,6 +79,9 @@ class TrialSetup:
     train_overrides: tuple[str, ...]  # with absolute data dir and tracking URI
     sweep_dir: str
     parent_run_id: str | None
+    # SOPs/sample above which a trial fits no budget (None in budget mode, where SOPs are
+    # only calibrated onto the budget at the end of the search).
+    sops_limit: float | None
 
 
 class EpochLog:
@@ -99,6 +109,16 @@ class EpochLog:
         return max(self.epochs.values(), key=lambda m: m["step"])
 
 
+def rung_score(val_top1_hard: float, sops_per_sample: float, sops_limit: float | None) -> float:
+    """What ASHA compares at a rung: hard-mask accuracy for a trial within the largest budget;
+    below all of those (negative) for one over it, the further over the lower (Deb's
+    feasibility rule, so no weight to tune). Accuracy alone would stop the heavily pruned
+    trials, the only candidates for small budgets, in favour of accurate ones over budget."""
+    if sops_limit is None or sops_per_sample <= sops_limit:
+        return val_top1_hard
+    return -sops_per_sample / sops_limit
+
+
 def _numbers(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -111,9 +131,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     launcher checkpoint and `train` resumes from it; the Tune checkpoint of each epoch records
     which run dir and epoch it stands for.
     """
-    from ray import tune
-
-    from launcher.train import train
+    from launcher.train import train  # torch, DeepSpeed: only in the trial's process
 
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(setup.sweep_dir) / trial_dirname_for(trial_id) / "run"
@@ -125,7 +143,9 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
 
     def report_epoch(metrics: dict) -> None:
         log.add(metrics)
-        result = {**_numbers(metrics), "phase": metrics["phase"]}
+        result = {**_numbers(metrics), "phase": metrics["phase"],
+                  "rung_score": rung_score(metrics["val_top1_hard"], metrics["sops_per_sample"],
+                                           setup.sops_limit)}
         if metrics["phase"] == "search":
             result["search_epoch"] = metrics["epoch"] + 1  # ASHA's clock; absent when fine-tuning
         with tempfile.TemporaryDirectory() as d:
@@ -140,6 +160,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
         # The objectives: the fine-tuned hardened net on the validation split.
         "val_top1": best["val_top1"], "val_top1_hard": best["val_top1_hard"],
         "sops_per_sample": best["sops_per_sample"],
+        "rung_score": rung_score(best["val_top1_hard"], best["sops_per_sample"], setup.sops_limit),
         # The launcher's final report (test split) of the same network.
         "test_top1": results["test_top1"], "test_top5": results["test_top5"],
         "test_sops_per_sample": results["sops_per_sample"],
@@ -159,45 +180,31 @@ def trial_dirname(trial) -> str:
 
 # --------------------------------------------------------------------------- search set-up
 
-def _optuna_searcher_class():
-    from ray.tune.search.optuna import OptunaSearch
+class FinishedOnlyOptuna(OptunaSearch):
+    """OptunaSearch that tells Optuna only about finished networks.
 
-    class FinishedOnlyOptuna(OptunaSearch):
-        """OptunaSearch that tells Optuna only about finished networks.
+    Ray hands a trial the scheduler stopped early to `on_trial_complete` with its last
+    (half-searched, soft-mask) result, which Optuna would store as COMPLETE: here it goes in
+    as PRUNED instead. A finished trial gets the Optuna constraint `SOPs - largest budget <= 0`,
+    so TPE learns where the feasible region is.
+    """
 
-        Ray hands a trial the scheduler stopped early to `on_trial_complete` with its last
-        (half-searched, soft-mask) result, which Optuna would store as COMPLETE: here it goes
-        in as PRUNED instead. A finished trial gets the Optuna constraint
-        `SOPs - largest budget <= 0`, so TPE learns where the feasible region is.
-        """
+    def __init__(self, *args, max_sops: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_sops = max_sops
 
-        def __init__(self, *args, max_sops: float, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.max_sops = max_sops
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            if trial_id in self._ot_trials and trial_id not in self._completed_trials and not error:
-                if result is not None and result.get("finished"):
-                    self._ot_trials[trial_id].set_constraint(
-                        "sops_over_budget", float(result["sops_per_sample"]) - self.max_sops)
-                else:
-                    result = None  # OptunaSearch then tells Optuna PRUNED
-            super().on_trial_complete(trial_id, result, error)
-
-    return FinishedOnlyOptuna
-
-
-# Defined at import time so that pickled searchers (Tune saves them) find the class by name.
-try:
-    FinishedOnlyOptuna = _optuna_searcher_class()
-except ImportError:  # optuna or ray[tune] missing: the error comes when a sweep starts
-    FinishedOnlyOptuna = None
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials and not error:
+            if result is not None and result.get("finished"):
+                self._ot_trials[trial_id].set_constraint(
+                    "sops_over_budget", float(result["sops_per_sample"]) - self.max_sops)
+            else:
+                result = None  # OptunaSearch then tells Optuna PRUNED
+        super().on_trial_complete(trial_id, result, error)
 
 
 def param_space(cfg: SweepConfig) -> dict:
     """Tune's search space keyed by training config key."""
-    from ray import tune
-
     space = {key: tune.loguniform(lo, hi) for key, (lo, hi) in cfg.search.ranges().items()}
     if cfg.budget_mode:
         space[BUDGET_KEY] = tune.choice(list(cfg.budgets))
@@ -216,25 +223,21 @@ def first_points(cfg: SweepConfig) -> list[dict]:
 def search_algorithm(cfg: SweepConfig):
     if cfg.search_alg == "random":
         return None  # Tune's BasicVariantGenerator: independent samples of the space
-    if FinishedOnlyOptuna is None:
-        raise SweepError("search_alg=optuna needs optuna (pip install optuna==5.0.0)")
     import optuna
 
     return FinishedOnlyOptuna(
         metric=["val_top1", "sops_per_sample"], mode=["max", "min"],
         points_to_evaluate=first_points(cfg) or None,
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-        max_sops=max(cfg.budgets) * (1 + cfg.budget_tolerance))
+        max_sops=cfg.sops_limit)
 
 
 def scheduler(cfg: SweepConfig, train_cfg: Config):
     if cfg.scheduler.name == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
     # Rungs only at search epochs: `search_epoch` is absent from fine-tune results, and with
     # stop_last_trials=False a trial that survives the last rung runs to the end.
-    return ASHAScheduler(time_attr="search_epoch", metric="val_top1_hard", mode="max",
+    return ASHAScheduler(time_attr="search_epoch", metric="rung_score", mode="max",
                          max_t=train_cfg.pruning.search_epochs,
                          grace_period=cfg.scheduler.grace_period,
                          reduction_factor=cfg.scheduler.reduction_factor, stop_last_trials=False)
@@ -242,12 +245,13 @@ def scheduler(cfg: SweepConfig, train_cfg: Config):
 
 # --------------------------------------------------------------------------- Ray
 
-def _ray_temp_dir(sweep_dir: Path) -> str:
+def ray_temp_dir(sweep_dir: Path) -> str:
     """Ray's session files under the sweep dir, unless its sockets' paths would be too long."""
     wanted = sweep_dir / "ray"
     if len(str(wanted)) + len("/session_2026-01-01_00-00-00_000000_0000000/sockets/plasma_store") < SOCKET_PATH_MAX:
         return str(wanted)
-    short = Path(tempfile.gettempdir()) / f"ray_{os.getuid()}_{abs(hash(str(sweep_dir))) % 10**8}"
+    digest = hashlib.sha1(str(sweep_dir).encode()).hexdigest()[:10]
+    short = Path(tempfile.gettempdir()) / f"ray_{os.getuid()}_{digest}"
     print(f"Ray's socket paths under {sweep_dir} would be too long: its session files go to {short}",
           flush=True)
     return str(short)
@@ -271,10 +275,8 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 
 
 def connect_ray(cfg: SweepConfig) -> None:
-    import ray
-
     if cfg.address is None:
-        ray.init(num_cpus=cfg.local_cpus, _temp_dir=_ray_temp_dir(cfg.sweep_dir),
+        ray.init(num_cpus=cfg.local_cpus, _temp_dir=ray_temp_dir(cfg.sweep_dir),
                  include_dashboard=False)
         return
     try:
@@ -293,10 +295,10 @@ def trial_setup(cfg: SweepConfig, train_cfg: Config, parent_run_id: str | None) 
                  f"data.data_dir={Path(train_cfg.data.data_dir).resolve()}",
                  f"tracking.tracking_uri={resolve_tracking_uri(train_cfg.tracking)}"]
     return TrialSetup(str(Path(cfg.train_config).resolve()), tuple(overrides), str(cfg.sweep_dir),
-                      parent_run_id)
+                      parent_run_id, None if cfg.budget_mode else cfg.sops_limit)
 
 
-def _check_restart(cfg: SweepConfig, saved_path: Path) -> None:
+def check_restart(cfg: SweepConfig, saved_path: Path) -> None:
     saved = yaml.safe_load(saved_path.read_text())
     now = yaml.safe_load(sweep_config_yaml(cfg))
     changed = sorted(k for k in set(saved) | set(now)
@@ -321,10 +323,8 @@ def parent_tracker(cfg: SweepConfig, train_cfg: Config) -> Tracker:
 
 def collect(cfg: SweepConfig) -> list[TrialOutcome]:
     """Every trial of the experiment with its status and final numbers."""
-    from ray.tune import ExperimentAnalysis
-
     outcomes = []
-    for trial in ExperimentAnalysis(str(cfg.sweep_dir)).trials:
+    for trial in tune.ExperimentAnalysis(str(cfg.sweep_dir)).trials:
         last = trial.last_result or {}
         if trial.status == "ERROR":
             status = "error"
@@ -416,9 +416,6 @@ def write_outputs(cfg: SweepConfig, outcomes: list[TrialOutcome], tracker: Track
 def run_sweep(cfg: SweepConfig, trainable=run_trial) -> dict:
     """Run (or continue) the sweep; returns the summary. `trainable` is `run_trial` unless a
     test wraps it."""
-    from ray import tune
-    from ray.tune.utils import flatten_dict
-
     train_cfg = base_train_config(cfg)
     if cfg.address is not None:
         check_reachable(cfg.address)  # before anything is written
@@ -426,7 +423,7 @@ def run_sweep(cfg: SweepConfig, trainable=run_trial) -> dict:
     saved = out / "sweep_config.yaml"
     restoring = tune.Tuner.can_restore(str(out))
     if restoring and saved.is_file():
-        _check_restart(cfg, saved)
+        check_restart(cfg, saved)
     out.mkdir(parents=True, exist_ok=True)
     if not saved.is_file():
         saved.write_text(sweep_config_yaml(cfg))
@@ -460,8 +457,6 @@ def run_sweep(cfg: SweepConfig, trainable=run_trial) -> dict:
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
     finally:
-        import ray
-
         ray.shutdown()
 
     outcomes = collect(cfg)

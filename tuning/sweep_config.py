@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -58,7 +57,9 @@ class SearchSpace:
 
 @dataclass
 class Resources:
-    """What one trial (one single-process training run) reserves on the Ray cluster."""
+    """What one trial reserves on the Ray cluster. A trial is one training process (one rank):
+    `train()` runs inside the trial's Ray worker. A multi-GPU DeepSpeed trial (several ranks
+    per trial, e.g. Ray Train's TorchTrainer around `train()`) is not supported yet."""
 
     cpus: float = field(default=1.0, metadata=_check("positive"))
     gpus: float = field(default=0.0, metadata=_check("non_negative"))
@@ -66,7 +67,8 @@ class Resources:
 
 @dataclass
 class SchedulerConfig:
-    """ASHA stops trials whose hard-mask validation accuracy trails at a search epoch."""
+    """ASHA stops trials whose hard-mask validation accuracy trails at a search epoch (trials
+    over the largest budget rank below all others: tuning.sweep.rung_score)."""
 
     name: Literal["asha", "none"] = "asha"
     grace_period: int = field(default=1, metadata=_check("positive"))  # search epochs
@@ -103,6 +105,11 @@ class SweepConfig:
     @property
     def sweep_dir(self) -> Path:
         return (Path(self.storage_path) / self.name).resolve()
+
+    @property
+    def sops_limit(self) -> float:
+        """SOPs/sample above which a trial fits no budget."""
+        return max(self.budgets) * (1 + self.budget_tolerance)
 
 
 # --------------------------------------------------------------------------- list-valued fields
