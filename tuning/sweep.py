@@ -119,6 +119,16 @@ def rung_score(val_top1_hard: float, sops_per_sample: float, sops_limit: float |
     return -sops_per_sample / sops_limit
 
 
+def _one_rank_environment() -> None:
+    """A trial is one rank: say so before the launcher reads the environment. Ray workers
+    inherit the environment of `ray start`, which under SLURM is an srun step's; the launcher
+    would then take SLURM_PROCID for the rank and derive MASTER_PORT from the job id, the
+    same port for every trial on a node. Without MASTER_PORT it picks a free port."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
+        os.environ.pop(name, None)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+
+
 def _numbers(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -133,6 +143,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     """
     from launcher.train import train  # torch, DeepSpeed: only in the trial's process
 
+    _one_rank_environment()
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(setup.sweep_dir) / trial_dirname_for(trial_id) / "run"
     overrides = [*setup.train_overrides, *(f"{k}={v}" for k, v in sorted(config.items())),
