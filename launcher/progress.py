@@ -12,7 +12,7 @@ class _Bar:
     def __init__(self, enabled: bool, desc: str, total: int, start: int, every: int):
         self.enabled, self.desc, self.total, self.n = enabled, desc, total, start
         self.every, self.t0, self.start = every, time.time(), start
-        self.tty = enabled and sys.stderr.isatty()
+        self.tty = enabled and getattr(sys.stderr, "isatty", lambda: False)()
         self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True) if self.tty else None
 
     def update(self, samples: int = 0, **values: float) -> None:
