@@ -311,19 +311,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """YAML file (None: all defaults), then overrides applied in order, then validation."""
+def read_yaml_with_overrides(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                             what: str = "config file") -> dict:
+    """YAML mapping from `path` (None: empty), then `a.b=value` overrides applied in order.
+
+    Shared by the training config and tuning's sweep config; `what` names the file in errors.
+    """
     data: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
+            raise ConfigError(f"{what} {str(p)!r} not found")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r}: invalid YAML ({exc})".replace("\n", " ")) from None
+            raise ConfigError(f"{what} {str(p)!r}: invalid YAML ({exc})".replace("\n", " ")) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+            raise ConfigError(f"{what} {str(p)!r}: expected a mapping at the top level")
     for text in overrides:
         parts, value = parse_override(text)
         node = data
@@ -335,7 +339,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
                 raise _unknown(".".join(parts[: i + 2]), [])
             node = child
         node[parts[-1]] = value
-    return from_dict(data)
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (None: all defaults), then overrides applied in order, then validation."""
+    return from_dict(read_yaml_with_overrides(path, overrides))
 
 
 def config_yaml(cfg: Config) -> str:

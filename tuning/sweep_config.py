@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from launcher.config import (Config, ConfigError, _as_float, _check, _unknown, _validate_field,
-                             load_config, parse_override)
+                             load_config, read_yaml_with_overrides)
 
 Range = tuple[float, float]  # [low, high], sampled log-uniformly
 
@@ -236,27 +236,7 @@ def sweep_config_yaml(cfg: SweepConfig) -> str:
 
 def load_sweep_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
     """YAML file, then `key=value` overrides (dotted keys, YAML values), then validation."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep config file {str(p)!r} not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep config file {str(p)!r}: invalid YAML ({exc})".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"sweep config file {str(p)!r}: expected a mapping at the top level")
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise _unknown(".".join(parts[: i + 2]), [])
-            node = child
-        node[parts[-1]] = value
-    return from_dict(data)
+    return from_dict(read_yaml_with_overrides(path, overrides, what="sweep config file"))
 
 
 def main(argv: list[str] | None = None) -> int:
