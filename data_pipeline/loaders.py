@@ -5,6 +5,8 @@
 [N, C, H, W] normalised, y int64 [N]. Train: CIFAR/demo RandomCrop(32, pad 4) + flip,
 ImageNet RandomResizedCrop + flip; val/test: no augmentation (ImageNet: centre crop of
 224/256 of the short side, as ffcv-imagenet). Val/test are read in file order.
+A batch is valid until the loader has prefetched a few more: FFCV refills the same buffers,
+so code that keeps batches (budget calibration) must clone them.
 
 Distributed: train uses FFCV's sharding (a per-epoch global shuffle, padded so every rank
 takes the same number of steps); val/test are split exactly, rank r reading samples

@@ -20,7 +20,7 @@ import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -29,7 +29,7 @@ class ConfigError(ValueError):
     """A config problem; the message is one line and names the offending key."""
 
 
-def _check(rule: str) -> dict:
+def checked(rule: str) -> dict:
     """Field metadata naming a range rule that `_validate_field` enforces."""
     return {"rule": rule}
 
@@ -46,11 +46,11 @@ class DataConfig:
 
     dataset: Literal["demo", "cifar10", "imagenet", "dvs_cifar10"] = "demo"
     data_dir: str = "data/demo"
-    batch_size: int = field(default=64, metadata=_check("positive"))  # per rank, per micro step
-    num_workers: int = field(default=1, metadata=_check("positive"))
+    batch_size: int = field(default=64, metadata=checked("positive"))  # per rank, per micro step
+    num_workers: int = field(default=1, metadata=checked("positive"))
     order: Literal["random", "sequential", "quasi_random"] = "random"
     os_cache: bool = True
-    image_size: Optional[int] = field(default=None, metadata=_check("positive"))
+    image_size: Optional[int] = field(default=None, metadata=checked("positive"))
     seed: int = 0  # sample order and augmentation of the loaders
 
 
@@ -60,10 +60,10 @@ class ModelConfig:
 
     name: Literal["cifar10_6conv2fc", "vggsnn_dvs", "sew_resnet18", "sew_resnet34",
                   "sew_resnet50"] = "cifar10_6conv2fc"
-    width: float = field(default=1.0, metadata=_check("positive"))
-    num_classes: int = field(default=10, metadata=_check("positive"))
-    T: int = field(default=8, metadata=_check("positive"))
-    input_size: Optional[int] = field(default=None, metadata=_check("positive"))
+    width: float = field(default=1.0, metadata=checked("positive"))
+    num_classes: int = field(default=10, metadata=checked("positive"))
+    T: int = field(default=8, metadata=checked("positive"))
+    input_size: Optional[int] = field(default=None, metadata=checked("positive"))
 
 
 @dataclass
@@ -71,16 +71,16 @@ class PruningConfig:
     """The learning process of method.md §3, §4, §6; `enabled: false` trains the dense baseline."""
 
     enabled: bool = True
-    lambda_w: float = field(default=1e-11, metadata=_check("non_negative"))
-    lambda_n: float = field(default=1e-11, metadata=_check("non_negative"))
-    beta_0: float = field(default=5.0, metadata=_check("positive"))
-    beta_T: float = field(default=1000.0, metadata=_check("positive"))
-    search_epochs: int = field(default=800, metadata=_check("non_negative"))
-    finetune_epochs: int = field(default=200, metadata=_check("non_negative"))
+    lambda_w: float = field(default=1e-11, metadata=checked("non_negative"))
+    lambda_n: float = field(default=1e-11, metadata=checked("non_negative"))
+    beta_0: float = field(default=5.0, metadata=checked("positive"))
+    beta_T: float = field(default=1000.0, metadata=checked("positive"))
+    search_epochs: int = field(default=800, metadata=checked("non_negative"))
+    finetune_epochs: int = field(default=200, metadata=checked("non_negative"))
     prune_weights: bool = True
     prune_neurons: bool = True
     # Target SOPs per sample; when set, the lambdas adapt during the search to land on it.
-    sop_budget: Optional[float] = field(default=None, metadata=_check("positive"))
+    sop_budget: Optional[float] = field(default=None, metadata=checked("positive"))
     # Dense SOPs per sample for the energy ratio: a number, or the MLflow run id of a dense run.
     dense_reference: Union[float, str, None] = None
 
@@ -90,15 +90,15 @@ class OptimConfig:
     """Two optimisers in one (see launcher.ds_config.build_optimizer): mask logits use Adam."""
 
     weight_optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = field(default=1e-4, metadata=_check("positive"))
-    mask_lr: float = field(default=1e-4, metadata=_check("positive"))
-    momentum: float = field(default=0.9, metadata=_check("non_negative"))  # SGD only
+    lr: float = field(default=1e-4, metadata=checked("positive"))
+    mask_lr: float = field(default=1e-4, metadata=checked("positive"))
+    momentum: float = field(default=0.9, metadata=checked("non_negative"))  # SGD only
     nesterov: bool = False  # SGD only
-    weight_decay: float = field(default=0.0, metadata=_check("non_negative"))  # weights only
+    weight_decay: float = field(default=0.0, metadata=checked("non_negative"))  # weights only
     schedule: Literal["none", "cosine"] = "none"
-    finetune_lr: float = field(default=1e-4, metadata=_check("positive"))
-    grad_clip: float = field(default=0.0, metadata=_check("non_negative"))  # 0: no clipping
-    grad_accum: int = field(default=1, metadata=_check("positive"))
+    finetune_lr: float = field(default=1e-4, metadata=checked("positive"))
+    grad_clip: float = field(default=0.0, metadata=checked("non_negative"))  # 0: no clipping
+    grad_accum: int = field(default=1, metadata=checked("positive"))
 
 
 @dataclass
@@ -115,8 +115,8 @@ class CheckpointConfig:
     """Where a run lives; starting the same run_dir again resumes it."""
 
     run_dir: str = "runs/demo"
-    every_steps: int = field(default=0, metadata=_check("non_negative"))  # 0: epoch ends only
-    keep_last: int = field(default=2, metadata=_check("positive"))
+    every_steps: int = field(default=0, metadata=checked("non_negative"))  # 0: epoch ends only
+    keep_last: int = field(default=2, metadata=checked("positive"))
 
 
 @dataclass
@@ -131,7 +131,7 @@ class TrackingConfig:
     # Upload the final checkpoint as an artifact: true, false (log its path only), or a size
     # limit in MB above which only its path is logged.
     log_checkpoint: Union[bool, float] = 1024.0
-    retry_every_s: float = field(default=60.0, metadata=_check("positive"))
+    retry_every_s: float = field(default=60.0, metadata=checked("positive"))
 
 
 @dataclass
@@ -146,8 +146,8 @@ class Config:
     seed: int = 0  # model initialisation and torch RNG
     # Caps for tests and the demo: optimizer steps per epoch, batches per evaluation split;
     # None runs full epochs / full evaluations.
-    steps_per_epoch_limit: Optional[int] = field(default=None, metadata=_check("positive"))
-    eval_batches_limit: Optional[int] = field(default=None, metadata=_check("positive"))
+    steps_per_epoch_limit: Optional[int] = field(default=None, metadata=checked("positive"))
+    eval_batches_limit: Optional[int] = field(default=None, metadata=checked("positive"))
 
 
 # --------------------------------------------------------------------------- type checking
@@ -155,7 +155,7 @@ class Config:
 _NUMBER_WORDS = {".inf", "+.inf", "-.inf", ".nan"}
 
 
-def _as_float(value: Any) -> float | None:
+def as_float(value: Any) -> float | None:
     """YAML 1.1 reads `1e-11` (no dot) as a string; accept it and ints as floats, never bools."""
     if isinstance(value, bool):
         return None
@@ -192,7 +192,7 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
-        out = _as_float(value)
+        out = as_float(value)
         return out is not None, out
     if tp is str:
         if isinstance(value, str):
@@ -235,11 +235,17 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build_dataclass(cls: type, data: Any, prefix: str = "", what: str = "config",
+                    parsers: dict[Any, Callable[[str, Any], Any]] | None = None) -> Any:
+    """A (nested) dataclass from plain data: unknown keys named with a suggestion, scalars
+    type-checked against the annotations and `_check` rules. `parsers` maps a field type the
+    scalar checks do not cover (lists, ranges) to `parse(key, value)`; tuning's sweep config
+    is built by the same walk."""
+    parsers = parsers or {}
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or what}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -249,11 +255,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for name, f in fields.items():
         if name not in data:
             continue
-        tp = hints[name]
+        tp, key = hints[name], f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.")
+            kwargs[name] = build_dataclass(tp, data[name], f"{key}.", what, parsers)
+        elif tp in parsers:
+            kwargs[name] = parsers[tp](key, data[name])
         else:
-            kwargs[name] = _validate_field(f"{prefix}{name}", f, tp, data[name])
+            kwargs[name] = _validate_field(key, f, tp, data[name])
     return cls(**kwargs)
 
 
@@ -270,7 +278,7 @@ def _cross_checks(cfg: Config) -> None:
 
 def from_dict(data: dict) -> Config:
     """Build and validate a Config from nested plain data (a YAML document, a checkpoint)."""
-    cfg = _build(Config, data, "")
+    cfg = build_dataclass(Config, data, "")
     _cross_checks(cfg)
     return cfg
 
@@ -367,18 +375,24 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
         raise
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print the resolved spikeprune config.",
-                                     allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file (default: built-in defaults)")
+def print_config_main(argv: list[str] | None, load: Callable[[str | None, list[str]], Any],
+                      to_yaml: Callable[[Any], str], description: str, what: str) -> int:
+    """`python -m ... --config FILE [key=value ...]`: print the resolved config, or one error line."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser.add_argument("--config", required=what != "config", help="YAML file" +
+                        (" (default: built-in defaults)" if what == "config" else ""))
     args, overrides = parser.parse_known_args(argv)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load(args.config, overrides)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(f"{what} error: {exc}", file=sys.stderr)
         return 2
-    sys.stdout.write(config_yaml(cfg))
+    sys.stdout.write(to_yaml(cfg))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return print_config_main(argv, load_config, config_yaml, "Print the resolved spikeprune config.", "config")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,12 @@ def discover(local_rank_arg: int | None = None) -> tuple[Launcher, int, int, int
     return "single", 0, 1, 0, 1, addr, port
 
 
+def omp_threads() -> int | None:
+    """OMP_NUM_THREADS when it is set to a positive integer, else None."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def cpu_threads_per_rank(local_world: int) -> int:
     """Cores this rank should use: the affinity set split among the node's ranks.
 
@@ -203,8 +209,9 @@ def setup_distributed(local_rank: int | None = None) -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-        # The deepspeed launcher leaves OMP_NUM_THREADS unset: 2 ranks x all cores thrash.
-        threads = cpu_threads_per_rank(lworld)
+        # A thread count set by the user or the launcher (torchrun, Ray: the trial's CPUs) is
+        # kept; the deepspeed launcher leaves it unset, and 2 ranks x all cores thrash.
+        threads = omp_threads() or cpu_threads_per_rank(lworld)
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
     import deepspeed  # slow import (~2 s); only needed from here on

@@ -160,6 +160,20 @@ def freeze(optimizer: torch.optim.Optimizer, role: Role) -> None:
         g["frozen"] = True
 
 
+def overwrite_params(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
+    """Write `values` into `params` so that the write survives the next optimizer step.
+
+    ZeRO 1/2 and DeepSpeed's bf16 optimizer step their own fp32 copies and copy them back over
+    the module's parameters, so an in-place edit of the module alone (budget calibration
+    shifting frozen logits) would be undone one step later. Every rank passes the same values."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+            safe_set_full_fp32_param(p, v.to(torch.float32))  # no-op without a master copy
+
+
 def lr_at(step: int, total_steps: int, base_lr: float, schedule: Literal["none", "cosine"]) -> float:
     """LR after `step` of `total_steps` optimizer steps: constant, or cosine decay to 0."""
     if schedule == "none" or total_steps <= 0:

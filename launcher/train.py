@@ -246,7 +246,7 @@ def save(ctx: Ctx, tag: str | None = None) -> None:
 
 
 def end_of_epoch(ctx: Ctx, phase: str, epoch: int, train_loss: float) -> dict:
-    """Validation (soft and hard masks), structure and SOPs; logged, reported to Tune."""
+    """Validation (soft and hard masks), structure and SOPs; logged and returned."""
     net, cfg = ctx.net, ctx.cfg
     pruning = cfg.pruning.enabled
     metrics = {"epoch_train_loss": train_loss}
@@ -262,8 +262,6 @@ def end_of_epoch(ctx: Ctx, phase: str, epoch: int, train_loss: float) -> dict:
     ctx.tracker.log_metrics(metrics, step=ctx.state.step)
     if is_primary():
         print(f"[{phase} {epoch + 1}] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-    if ctx.reporter is not None:
-        ctx.reporter({"phase": phase, "epoch": epoch, "step": ctx.state.step, **metrics})
     return metrics
 
 
@@ -274,15 +272,32 @@ def run_phase(ctx: Ctx, phase: str) -> None:
     best_path = Path(cfg.checkpoint.run_dir) / "best_model.pt"
     while state.epoch < epochs:
         train_loss = run_epoch(ctx, phase, state.epoch, total_steps)
+        if ctx.budget and phase == "finetune":
+            calibrate_budget(ctx)
         metrics = end_of_epoch(ctx, phase, state.epoch, train_loss)
         if phase == "finetune" and (state.best_val_top1 is None or metrics["val_top1"] > state.best_val_top1):
             state.best_val_top1, state.best_epoch = metrics["val_top1"], state.epoch
             if is_primary():
                 atomic_torch_save(ctx.net.state_dict(), best_path)
-        state.epoch += 1
-        state.batch_in_epoch = 0
+        epoch, state.epoch, state.batch_in_epoch = state.epoch, state.epoch + 1, 0
         state.extra["loader_epoch"] = state.extra.get("loader_epoch", 0) + 1
         save(ctx)
+        # After the save: a trial that dies here resumes past this epoch, reported once.
+        if ctx.reporter is not None:
+            ctx.reporter({"phase": phase, "epoch": epoch, "step": state.step, **metrics})
+
+
+def calibrate_budget(ctx: Ctx) -> None:
+    """Budget mode: put the hard-mask SOPs on the budget (launcher.budget.calibrate), measured on
+    the validation batches that also select the checkpoint (at most 16 of them)."""
+    n = min(ctx.cfg.eval_batches_limit or 16, 16)
+    # Cloned: FFCV refills a batch's buffer a few batches later (data_pipeline.loaders).
+    batches = [(x.to(ctx.device, ctx.dtype).clone(),) for x, _ in itertools.islice(ctx.loaders["val"], n)]
+    found = ctx.budget.calibrate(ctx.net, batches)
+    ctx.tracker.log_metrics(found, step=ctx.state.step)
+    if is_primary():
+        print(f"[budget] SOPs/sample {found['budget_sops_before']:.4g} -> {found['budget_sops_after']:.4g} "
+              f"(budget {ctx.budget.budget:.4g}, logit shift {found['budget_tau']:.3g})", flush=True)
 
 
 def harden_subnetwork(ctx: Ctx) -> None:
@@ -293,9 +308,7 @@ def harden_subnetwork(ctx: Ctx) -> None:
     state.phase, state.epoch, state.batch_in_epoch = "finetune", 0, 0
     state.extra["finetune_start"] = state.step
     if ctx.budget:
-        calibration = [x.to(ctx.device, ctx.dtype) for x, _ in itertools.islice(ctx.loaders["train"], 4)]
-        found = ctx.budget.calibrate(ctx.net, [(x,) for x in calibration])
-        ctx.tracker.log_metrics(found, step=state.step)
+        calibrate_budget(ctx)
     run_dir = Path(cfg.checkpoint.run_dir)
     if is_primary():
         save_masks(ctx.net, run_dir / "masks.spm", cfg.model.name)
@@ -344,6 +357,16 @@ def train(cfg: Config, reporter: Callable[[dict], None] | None = None, local_ran
           parent_run_id: str | None = None) -> dict:
     """The whole learning process; returns the final metrics (tuning/ calls this directly,
     `reporter` receiving every epoch's metrics, `parent_run_id` nesting the MLflow run)."""
+    # Installed first: a SIGUSR1/SIGTERM during the set-up (engine, loaders: tens of seconds)
+    # is acted on at the first step instead of killing the process without a checkpoint.
+    # Signal handlers can only be set from the main thread (not in a Ray Tune worker thread).
+    signals = (signal.SIGTERM, signal.SIGUSR1) if threading.current_thread() is threading.main_thread() else ()
+    with PreemptionHandler(signals) as stop:
+        return _train(cfg, stop, reporter, local_rank, parent_run_id)
+
+
+def _train(cfg: Config, stop: PreemptionHandler, reporter: Callable[[dict], None] | None,
+           local_rank: int | None, parent_run_id: str | None) -> dict:
     import deepspeed
 
     info = setup_distributed(local_rank)
@@ -405,30 +428,27 @@ def train(cfg: Config, reporter: Callable[[dict], None] | None = None, local_ran
               f"model={cfg.model.name} width={cfg.model.width} T={cfg.model.T} "
               f"dense connections/step={connectivity(net).dense_total:,.0f}", flush=True)
 
-    # Signal handlers can only be set from the main thread (not in a Ray Tune worker thread).
-    signals = (signal.SIGTERM, signal.SIGUSR1) if threading.current_thread() is threading.main_thread() else ()
-    ctx = Ctx(cfg, engine, net, loaders, tracker, state, PreemptionHandler(signals), info.device, dtype,
+    ctx = Ctx(cfg, engine, net, loaders, tracker, state, stop, info.device, dtype,
               steps_per_epoch, reporter, budget, Progress(enabled=is_primary()), dense_sops)
-    with ctx.stop:
-        try:
-            if state.phase == "search":
-                set_mask_mode(net, "soft")
-                run_phase(ctx, "search")
-                harden_subnetwork(ctx)
-            if state.phase == "finetune":
-                if p.enabled:
-                    set_mask_mode(net, "hard")
-                    freeze(engine.optimizer, "mask")
-                run_phase(ctx, "finetune")
-                results = final_report(ctx)
-            else:  # started again after it had finished
-                results = json.loads((run_dir / "results.json").read_text())
-        except (Preempted, KeyboardInterrupt):
-            tracker.finish("KILLED")
-            raise
-        except Exception:
-            tracker.finish("FAILED")
-            raise
+    try:
+        if state.phase == "search":
+            set_mask_mode(net, "soft")
+            run_phase(ctx, "search")
+            harden_subnetwork(ctx)
+        if state.phase == "finetune":
+            if p.enabled:
+                set_mask_mode(net, "hard")
+                freeze(engine.optimizer, "mask")
+            run_phase(ctx, "finetune")
+            results = final_report(ctx)
+        else:  # started again after it had finished
+            results = json.loads((run_dir / "results.json").read_text())
+    except (Preempted, KeyboardInterrupt):
+        tracker.finish("KILLED")
+        raise
+    except Exception:
+        tracker.finish("FAILED")
+        raise
     tracker.finish()
     return results
 

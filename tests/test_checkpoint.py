@@ -21,7 +21,7 @@ from launcher.checkpoint import (EXIT_REQUEUE, EXIT_TERMINATED, LATEST, MARKER, 
                                  safe_load, save_checkpoint)
 from launcher.config import load_config
 from launcher.distributed import setup_distributed
-from launcher.ds_config import build_ds_config, build_optimizer, freeze
+from launcher.ds_config import build_ds_config, build_optimizer, freeze, overwrite_params
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -157,6 +157,21 @@ def test_harden_after_engine_init_freezes_masks_and_resumes(dist_info, tmp_path)
     harden(net2)
     steps(net2, engine2, 2)
     assert all(torch.equal(a, b) for a, b in zip(reference, net2.parameters()))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_overwritten_frozen_params_survive_steps(dist_info, stage):
+    """Budget calibration shifts frozen logits in place; ZeRO 1/2 step their own fp32 copies
+    and copy them back over the module, so the shift must reach those copies too."""
+    engine, opt, _ = _engine(stage)
+    _train(engine, 2)
+    freeze(opt, "mask")
+    shifted = engine.module.logits.detach() - 0.75
+    overwrite_params([engine.module.logits], [shifted])
+    w0 = engine.module.fc1.weight.detach().clone()
+    _train(engine, 3)
+    assert torch.equal(engine.module.logits.detach(), shifted)
+    assert not torch.equal(engine.module.fc1.weight.detach(), w0)
 
 
 def test_truncated_checkpoint_falls_back_to_previous(dist_info, tmp_path):

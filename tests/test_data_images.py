@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import os
 import pickle
@@ -239,6 +240,20 @@ def test_cifar10_round_trip_is_exact(cifar_dir, cifar10_images):
         assert (candidates[sources] == x).all(axis=(2, 3, 4)).any()
     unchanged = [(images[train_idx] == x).all(axis=(1, 2, 3)).any() for x in train_x]
     assert not all(unchanged)  # 16 identity draws in a row: odds (1/162)^16
+
+
+def test_kept_batches_must_be_cloned(cifar_dir, cifar10_images):
+    """Budget calibration keeps the first val batches: FFCV refills a batch's buffer once it
+    has prefetched further, so only clones hold the data, the same on every pass."""
+    images, _ = cifar10_images
+    loader = make_loaders("cifar10", cifar_dir / "out", batch_size=2)["test"]
+    held = [x for x, _ in itertools.islice(loader, 6)]
+    clones = [[x.clone() for x, _ in itertools.islice(loader, 6)] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*clones))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION["cifar10"])
+    first = (torch.cat(clones[0]) * std + mean).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(first, images[:12])
+    assert not all(torch.equal(h, c) for h, c in zip(held, clones[0]))
 
 
 # ---------------------------------------------------------------------------- ImageNet

@@ -374,14 +374,13 @@ def test_restarted_sweep_does_not_rerun_finished_trials(killed_and_resumed_sweep
 # --------------------------------------------------------------------------- budget mode
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known open defect (issue 6): the hardened net's test SOPs overshoot the budget "
-                          "(measured 2.2x at 15k, 1.4x at 30k on the tiny net); the assertion stays as the target",
-                   strict=False)
 @pytest.mark.parametrize("budget", [1.5e4, 3.0e4])
 def test_budget_mode_lands_within_ten_percent(tmp_path, budget):
+    """The hardened, fine-tuned net's SOPs on the test split (256 samples) within +-10 %: the
+    calibration sees only validation batches, and fine-tuning moves the firing rates."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "launcher.train", "--config", "configs/demo.yaml", *TINY_TRIAL,
-           "steps_per_epoch_limit=20", "eval_batches_limit=4", f"pruning.sop_budget={budget}",
+           "steps_per_epoch_limit=20", "eval_batches_limit=16", f"pruning.sop_budget={budget}",
            f"checkpoint.run_dir={run_dir}", "tracking.enabled=false"]
     out = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]

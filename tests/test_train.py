@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 
 from helpers_train import (REPO, TINY_CONFIG, clean_env, latest_checkpoint, masks_of, max_abs_diff, module_state,
                            overrides, reference_run, run_train, sqlite_uri, tiny_data, train_cmd)
-from launcher.checkpoint import EXIT_TERMINATED, MARKER, safe_load
+from launcher.checkpoint import EXIT_REQUEUE, EXIT_TERMINATED, MARKER, safe_load
 
 STEPS = 12  # optimizer steps of configs/test_tiny.yaml: 6 search + 6 fine-tune
 METRICS = ("train_loss", "penalty", "beta", "val_top1", "val_top1_hard", "weight_keep", "neuron_keep",
@@ -167,6 +167,31 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(reference, data_dir,
     ref_client, ref_run = only_run(reference.store)
     ref_history = ref_client.get_metric_history(ref_run.info.run_id, "train_loss")
     assert sorted((m.step, m.value) for m in history) == sorted((m.step, m.value) for m in ref_history)
+
+
+@pytest.mark.slow
+def test_usr1_during_set_up_checkpoints_at_the_first_step(data_dir, tmp_path):
+    """SLURM may signal while loaders and the engine are still being built (tens of seconds at
+    scale): the handler is installed first, so the run saves at its first step and exits 75."""
+    run_dir, store = tmp_path / "run", sqlite_uri(tmp_path / "mlruns.db")
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(train_cmd(*overrides(data_dir, run_dir, store)), cwd=REPO, env=clean_env(),
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not (run_dir / "config.yaml").exists():  # written before the loaders and the engine
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGUSR1)
+            code = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = (tmp_path / "log.txt").read_text()
+    assert code == EXIT_REQUEUE, text[-3000:]
+    stopped = json.loads((latest_checkpoint(run_dir) / MARKER).read_text())["state"]
+    assert stopped["step"] == 1 and stopped["phase"] == "search", stopped
 
 
 ZERO_DRIVER = """

@@ -12,18 +12,16 @@ prints the resolved sweep config as YAML.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
-from launcher.config import (Config, ConfigError, _as_float, _check, _unknown, _validate_field,
-                             load_config, read_yaml_with_overrides)
+from launcher.config import (Config, ConfigError, as_float, build_dataclass, checked, load_config,
+                             print_config_main, read_yaml_with_overrides)
 
 Range = tuple[float, float]  # [low, high], sampled log-uniformly
 
@@ -61,8 +59,8 @@ class Resources:
     `train()` runs inside the trial's Ray worker. A multi-GPU DeepSpeed trial (several ranks
     per trial, e.g. Ray Train's TorchTrainer around `train()`) is not supported yet."""
 
-    cpus: float = field(default=1.0, metadata=_check("positive"))
-    gpus: float = field(default=0.0, metadata=_check("non_negative"))
+    cpus: float = field(default=1.0, metadata=checked("positive"))
+    gpus: float = field(default=0.0, metadata=checked("non_negative"))
 
 
 @dataclass
@@ -71,7 +69,7 @@ class SchedulerConfig:
     over the largest budget rank below all others: tuning.sweep.rung_score)."""
 
     name: Literal["asha", "none"] = "asha"
-    grace_period: int = field(default=1, metadata=_check("positive"))  # search epochs
+    grace_period: int = field(default=1, metadata=checked("positive"))  # search epochs
     reduction_factor: float = 2.0
 
 
@@ -85,22 +83,22 @@ class SweepConfig:
     # launcher adapts the lambdas to land on it) and the search covers the other knobs.
     budget_mode: bool = False
     # A trial fits a budget B when its SOPs/sample <= B * (1 + budget_tolerance).
-    budget_tolerance: float = field(default=0.0, metadata=_check("non_negative"))
+    budget_tolerance: float = field(default=0.0, metadata=checked("non_negative"))
     search: SearchSpace = field(default_factory=SearchSpace)
-    num_trials: int = field(default=8, metadata=_check("positive"))
-    max_concurrent_trials: Optional[int] = field(default=None, metadata=_check("positive"))
+    num_trials: int = field(default=8, metadata=checked("positive"))
+    max_concurrent_trials: Optional[int] = field(default=None, metadata=checked("positive"))
     resources: Resources = field(default_factory=Resources)
     # optuna: multi-objective TPE (max val_top1, min SOPs, SOPs over the largest budget as
     # a constraint); random: independent log-uniform samples.
     search_alg: Literal["optuna", "random"] = "optuna"
     seed: int = 0  # of the search algorithm
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    max_failures: int = field(default=2, metadata=_check("non_negative"))  # retries per trial
+    max_failures: int = field(default=2, metadata=checked("non_negative"))  # retries per trial
     storage_path: str = "runs/sweeps"  # the sweep lives in storage_path/name
     name: str = "sweep"
     # null: start a local Ray; "auto" or "HOST:PORT": join a running cluster.
     address: Optional[str] = None
-    local_cpus: Optional[int] = field(default=None, metadata=_check("positive"))  # local Ray only
+    local_cpus: Optional[int] = field(default=None, metadata=checked("positive"))  # local Ray only
 
     @property
     def sweep_dir(self) -> Path:
@@ -117,7 +115,7 @@ class SweepConfig:
 def _range(key: str, value: Any) -> Range | None:
     if value is None:
         return None
-    bounds = [_as_float(v) for v in value] if isinstance(value, (list, tuple)) else []
+    bounds = [as_float(v) for v in value] if isinstance(value, (list, tuple)) else []
     if len(bounds) != 2 or None in bounds or not 0 < bounds[0] < bounds[1]:
         raise ConfigError(f"{key}: expected [low, high] with 0 < low < high (log-uniform), "
                           f"got {value!r}")
@@ -126,7 +124,7 @@ def _range(key: str, value: Any) -> Range | None:
 
 def _budgets(key: str, value: Any) -> list[float]:
     items = value if isinstance(value, (list, tuple)) else [value]
-    out = [_as_float(v) for v in items]
+    out = [as_float(v) for v in items]
     if not out or any(v is None or v <= 0 for v in out):
         raise ConfigError(f"{key}: expected a list of SOP budgets per sample (numbers > 0), "
                           f"got {value!r}")
@@ -142,29 +140,6 @@ def _strings(key: str, value: Any) -> list[str]:
 
 
 _LIST_FIELDS = {Optional[Range]: _range, list[float]: _budgets, list[str]: _strings}
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """launcher.config's walk (unknown keys named, scalars type-checked) plus list fields."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'sweep config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            raise _unknown(f"{prefix}{key}", list(fields))
-    kwargs = {}
-    for name in data:
-        tp, key = hints[name], f"{prefix}{name}"
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], f"{key}.")
-        elif tp in _LIST_FIELDS:
-            kwargs[name] = _LIST_FIELDS[tp](key, data[name])
-        else:
-            kwargs[name] = _validate_field(key, fields[name], tp, data[name])
-    return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------- public API
@@ -215,7 +190,7 @@ def _cross_checks(cfg: SweepConfig) -> None:
 
 
 def from_dict(data: dict) -> SweepConfig:
-    cfg = _build(SweepConfig, data, "")
+    cfg = build_dataclass(SweepConfig, data, what="sweep config", parsers=_LIST_FIELDS)
     _cross_checks(cfg)
     return cfg
 
@@ -240,17 +215,8 @@ def load_sweep_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tuning.sweep_config", allow_abbrev=False,
-                                     description="Print the resolved sweep config.")
-    parser.add_argument("--config", required=True, help="sweep YAML file")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        cfg = load_sweep_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"sweep config error: {exc}", file=sys.stderr)
-        return 2
-    sys.stdout.write(sweep_config_yaml(cfg))
-    return 0
+    return print_config_main(argv, load_sweep_config, sweep_config_yaml, "Print the resolved sweep config.",
+                             "sweep config")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""Budget mode's controller on a real (small) network: calibration lands in its band and keeps
+the "kept iff alpha > 0" rule; observation steers lambda the right way.
+The end-to-end landing on the demo data is tests/test_sweep.py::test_budget_mode_lands_within_ten_percent."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from launcher.budget import BudgetController
+from model import build_model
+from model.energy import measure_energy
+from model.masks import keep_ratios, mask_logits, set_mask_mode
+
+
+def small_net(seed: int = 0):
+    torch.manual_seed(seed)
+    net = build_model("cifar10_6conv2fc", num_classes=10, T=2, width=1 / 16, input_size=16)
+    set_mask_mode(net, "hard")
+    return net
+
+
+def set_logits(net, fill=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mask_logits(net):
+            p.copy_(torch.full_like(p, fill) if fill is not None else torch.randn(p.shape, generator=g))
+
+
+def sops(net, batches) -> float:
+    return measure_energy(net, batches).sops_per_sample
+
+
+@pytest.fixture(scope="module")
+def batches():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.rand(8, 3, 16, 16, generator=g) * 4,) for _ in range(2)]
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.6])
+def test_calibrate_lands_in_band_from_above_and_below(batches, fraction):
+    net = small_net()
+    set_logits(net, fill=1.0)
+    dense = sops(net, batches)
+    assert dense > 0
+    budget = fraction * dense
+    for offset in (1.5, -1.5):  # most logits kept: over the budget; few kept: under it
+        set_logits(net)
+        with torch.no_grad():
+            for p in mask_logits(net):
+                p.add_(offset)
+        before = sops(net, batches)
+        assert before > budget if offset > 0 else before < 0.95 * budget
+        found = BudgetController(budget, 1e-11, 1e-11).calibrate(net, batches)
+        after = sops(net, batches)
+        assert after == pytest.approx(found["budget_sops_after"], rel=1e-6)
+        assert 0.95 * budget <= after <= budget, (offset, before, after, found)
+        assert found["budget_sops_before"] == pytest.approx(before, rel=1e-6)
+
+
+def test_calibrate_above_dense_keeps_everything(batches):
+    net = small_net()
+    set_logits(net)
+    found = BudgetController(1e12, 1e-11, 1e-11).calibrate(net, batches)
+    assert keep_ratios(net) == (1.0, 1.0) and found["budget_tau"] < 0
+
+
+def test_observe_moves_lambda_towards_the_budget(batches):
+    x = batches[0][0]
+    net = small_net()
+    set_logits(net)
+    for budget, up in ((1.0, True), (1e12, False)):  # far over it / far under it
+        ctl = BudgetController(budget, 2e-11, 1e-11, every=10, lr=1.0)
+        assert ctl.observe(net, x) == pytest.approx(sops(net, [(x,)]), rel=1e-6)
+        lw, ln = ctl.lambdas()
+        assert lw / ln == pytest.approx(2.0)  # the configured ratio is kept
+        assert lw == pytest.approx(2e-11 * (math.e if up else 1 / math.e))  # clipped step
+        again = BudgetController(budget, 2e-11, 1e-11)
+        again.load_state_dict(ctl.state_dict())
+        assert again.lambdas() == ctl.lambdas()
