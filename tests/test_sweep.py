@@ -387,3 +387,25 @@ def test_budget_mode_lands_within_ten_percent(tmp_path, budget):
     sops = json.loads((run_dir / "results.json").read_text())["sops_per_sample"]
     print(f"budget {budget:.4g} SOPs/sample -> measured {sops:.4g} ({sops / budget - 1:+.1%})")
     assert abs(sops / budget - 1) <= 0.10
+
+
+@pytest.mark.slow
+def test_budget_mode_sweep_puts_each_trial_on_its_budget(tmp_path):
+    """budget_mode=true: the sampler picks a budget per trial (each budget tried first) and
+    searches the other knobs; every finished network sits on its own budget."""
+    budgets = [1.5e4, 3.0e4]
+    config = write_sweep_config(
+        tmp_path / "sweep.yaml", tmp_path, budget_mode=True, budgets=budgets, budget_tolerance=0.1,
+        search={"mask_lr": [3e-3, 3e-2]}, num_trials=2, max_failures=0,
+        train_overrides=[*TINY_TRIAL, "steps_per_epoch_limit=20", "eval_batches_limit=16",
+                         f"tracking.tracking_uri=sqlite:///{tmp_path}/mlruns.db"])
+    out = subprocess.run([sys.executable, "tuning/sweep.py", "--config", str(config)], cwd=REPO,
+                         env=clean_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "sweeps" / "t" / "summary.json").read_text())
+    trials = summary["trials"]
+    assert sorted(t["params"]["pruning.sop_budget"] for t in trials) == budgets
+    for t in trials:
+        assert t["status"] == "finished", t
+        assert abs(t["sops_per_sample"] / t["params"]["pruning.sop_budget"] - 1) <= 0.10, t
+    assert all(b["feasible"] for b in summary["budgets"]), summary["budgets"]

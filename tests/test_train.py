@@ -98,16 +98,23 @@ def zip_members(path: Path) -> dict[str, bytes]:
         return {name: z.read(name) for name in z.namelist()}
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, root: Path, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = sorted(p.parent.name for p in root.glob(f"step*/{MARKER}"))
-        if done:
-            return done[0]
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended (exit {proc.returncode}) before its first checkpoint")
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint in {root} after {timeout} s")
+def signal_when(args: list[str], log_path: Path, ready, sig: signal.Signals) -> tuple[int, str]:
+    """Start training, send `sig` as soon as `ready()`, return (exit code, output)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(train_cmd(*args), cwd=REPO, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not ready():
+                assert proc.poll() is None, f"training ended (exit {proc.returncode}) too early"
+                assert time.monotonic() < deadline, "not ready after 240 s"
+                time.sleep(0.02)
+            proc.send_signal(sig)
+            code = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return code, log_path.read_text()
 
 
 def _plant_stale_checkpoints(root: Path, real: Path) -> None:
@@ -127,17 +134,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(reference, data_dir,
     run_dir, store = tmp_path / "run", sqlite_uri(tmp_path / "mlruns.db")
     args = overrides(data_dir, run_dir, store, "checkpoint.every_steps=1")
     root = run_dir / "checkpoints"
-    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
-        proc = subprocess.Popen(train_cmd(*args), cwd=REPO, env=clean_env(), stdout=out, stderr=err)
-        try:
-            _wait_for_checkpoint(proc, root, timeout=240)
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    log = (tmp_path / "out.txt").read_text() + (tmp_path / "err.txt").read_text()
+    code, log = signal_when(args, tmp_path / "log.txt", lambda: any(root.glob(f"step*/{MARKER}")), signal.SIGTERM)
     assert code == EXIT_TERMINATED, log[-3000:]
     stopped = json.loads((latest_checkpoint(run_dir) / MARKER).read_text())["state"]
     assert stopped["phase"] == "search" and 0 < stopped["batch_in_epoch"] < 6, stopped  # mid-epoch
@@ -174,21 +171,9 @@ def test_usr1_during_set_up_checkpoints_at_the_first_step(data_dir, tmp_path):
     """SLURM may signal while loaders and the engine are still being built (tens of seconds at
     scale): the handler is installed first, so the run saves at its first step and exits 75."""
     run_dir, store = tmp_path / "run", sqlite_uri(tmp_path / "mlruns.db")
-    with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen(train_cmd(*overrides(data_dir, run_dir, store)), cwd=REPO, env=clean_env(),
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 240
-            while not (run_dir / "config.yaml").exists():  # written before the loaders and the engine
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGUSR1)
-            code = proc.wait(timeout=240)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    text = (tmp_path / "log.txt").read_text()
+    # config.yaml is written before the loaders and the engine are built
+    code, text = signal_when(overrides(data_dir, run_dir, store), tmp_path / "log.txt",
+                             (run_dir / "config.yaml").exists, signal.SIGUSR1)
     assert code == EXIT_REQUEUE, text[-3000:]
     stopped = json.loads((latest_checkpoint(run_dir) / MARKER).read_text())["state"]
     assert stopped["step"] == 1 and stopped["phase"] == "search", stopped
