@@ -75,6 +75,17 @@ def build(args):
     return net, x, y
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Not getrusage's ru_maxrss: Linux carries it over fork + exec, so
+    a child started by a 1.6 GB parent would report at least 1.6 GB; VmHWM belongs to the new
+    address space."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc (macOS)
+
+
 def child_peak_rss(args, variant: str) -> float:
     """Peak RSS (MB) of a fresh process doing `repeats` steps of one variant."""
     cmd = [sys.executable, __file__, "--child", variant, "--width", str(args.width), "--T", str(args.T),
@@ -100,7 +111,7 @@ def main() -> None:
         model, reset = variants[args.child]
         for _ in range(args.repeats):
             step(model, x, y, reset)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(peak_rss_mb())
         return
 
     with torch.no_grad():  # same spikes from both: a sanity check that they are one network

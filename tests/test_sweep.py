@@ -150,6 +150,8 @@ def config_file(tmp_path_factory) -> Path:
     (["budgets=[-5]"], "budgets: expected a list of SOP budgets"),
     (["train_overrides=[pruning.lamda_w=1]"], "unknown config key 'pruning.lamda_w'"),
     (["budget_mode=true"], "search.lambda_w: budget mode adapts the lambdas itself"),
+    (["budget_mode=true", "search.lambda_w=null", "search.lambda_n=null", "search.lr=[1e-3,1e-2]",
+      "scheduler.name=asha", "budgets=[1e4,2e4]"], "scheduler.name: ASHA compares every trial"),
     (["scheduler.name=asha", "scheduler.grace_period=5"], "scheduler.grace_period: 5 search epochs"),
     (["resources.cpus=0"], "resources.cpus: must be > 0"),
 ])

@@ -165,6 +165,10 @@ def _cross_checks(cfg: SweepConfig) -> None:
         raise ConfigError("search: empty search space; give at least one of "
                           + ", ".join(SEARCH_KEYS) + " as [low, high]"
                           + (" (budget mode: not the lambdas)" if cfg.budget_mode else ""))
+    if cfg.budget_mode and cfg.scheduler.name == "asha" and len(cfg.budgets) > 1:
+        raise ConfigError("scheduler.name: ASHA compares every trial at a rung, and in budget mode a "
+                          "trial on a small budget is less accurate by design, so ASHA would stop it; "
+                          "use scheduler.name=none, or one budget per sweep")
     if cfg.scheduler.reduction_factor <= 1:
         raise ConfigError(f"scheduler.reduction_factor: must be > 1, got {cfg.scheduler.reduction_factor}")
     if cfg.address is not None and not cfg.address.strip():
