@@ -1,13 +1,19 @@
-"""Budget mode (method.md §4, "we go beyond"): one run that lands on a SOP budget.
+"""Budget mode (docs/METHOD.md §4, "we go beyond"): one run that lands on a SOP budget.
 
 Instead of a hand-picked lambda, the search adapts lambda_w and lambda_n (same factor, so
 their configured ratio is kept) by dual ascent in log space on the *measured* SOPs per
 sample of the current hard masks:
 
-    log lambda <- log lambda + lr * clip(log(S / budget), -1, 1)
+    log lambda <- log lambda + lr * clip(log(S / target(progress)), -1, 1)
 
 every `every` optimizer steps, S measured on the current training batch (one extra forward
-with hard masks, no grad). That brings the search near the budget; landing on it is the job
+with hard masks, no grad). The target descends geometrically from the dense network's SOPs
+(measured at the first observation) to the budget over the first `ramp` of the search, then
+stays on the budget. With the budget as the target from the first step, lambda wound up 1000x
+while the masks, moving at most the mask LR per step under Adam, were still far above it, and
+then the whole network fell silent at once (demo recipe, 4e4 budget: every logit negative by
+step 190 of 600, and at beta in the hundreds a dead mask receives no gradient to come back).
+That brings the search near the budget; landing on it is the job
 of `calibrate`: at hardening and after every fine-tuning epoch, one common shift of the logits,
 found by bisection on the calibration batches (the first validation batches: SOPs need no
 labels), puts the hard-mask SOPs in [(1 - tolerance) budget, budget]. The rule "kept iff
@@ -31,12 +37,28 @@ def _sops(net, batches) -> float:
     return reduce_scalars({"sops": measure_energy(net, batches).sops_per_sample})["sops"]
 
 
+@torch.no_grad()
+def _dense_sops(net, batches) -> float:
+    """SOPs per sample of the same network with every mask kept (the logits restored after)."""
+    logits = mask_logits(net)
+    saved = [p.detach().clone() for p in logits]
+    try:
+        for p in logits:
+            p.fill_(1.0)
+        return _sops(net, batches)
+    finally:
+        for p, p0 in zip(logits, saved):
+            p.copy_(p0)
+
+
 class BudgetController:
     def __init__(self, budget: float, lambda_w: float, lambda_n: float, every: int = 10, lr: float = 0.5,
-                 tolerance: float = 0.05):
+                 tolerance: float = 0.05, ramp: float = 0.6):
         if budget <= 0:
             raise ValueError(f"pruning.sop_budget must be > 0, got {budget}")
         self.budget, self.every, self.lr, self.tolerance = float(budget), every, lr, tolerance
+        self.ramp = ramp
+        self.start_sops: float | None = None  # the dense network's, measured at the first observation
         # A zero lambda would stay zero in log space: start both from the larger one's scale.
         base = max(lambda_w, lambda_n, 1e-12)
         self.log_scale = 0.0
@@ -48,16 +70,26 @@ class BudgetController:
         s = math.exp(self.log_scale)
         return self.lambda_w0 * s, self.lambda_n0 * s
 
-    def observe(self, net, x: torch.Tensor) -> float:
-        """Measure SOPs of the current hard masks on batch `x` and take one dual step.
+    def target(self, progress: float) -> float:
+        """The SOPs per sample aimed at after `progress` (0..1) of the search."""
+        if self.start_sops is None or self.start_sops <= self.budget:
+            return self.budget
+        f = min(1.0, max(progress, 0.0) / self.ramp) if self.ramp > 0 else 1.0
+        return self.start_sops * (self.budget / self.start_sops) ** f
+
+    def observe(self, net, x: torch.Tensor, progress: float = 1.0) -> float:
+        """Measure SOPs of the current hard masks on batch `x` and take one dual step towards
+        `target(progress)`.
 
         The step is large (lr 0.5: up to e^0.5 x per observation) because Adam normalises each
         logit's step: lambda's scale moves the masks only where the task gradient competes
         with the penalty. On the demo, lr 0.2 left the SOPs where a fixed lambda put them;
         lr 1 overshot (2e5 budget: the search ended at 9e4) and lost 2 points of accuracy."""
+        if self.start_sops is None:
+            self.start_sops = _dense_sops(net, [(x,)])
         sops = _sops(net, [(x,)])
         self.last_sops = sops
-        self.log_scale += self.lr * max(-1.0, min(1.0, math.log(max(sops, 1e-9) / self.budget)))
+        self.log_scale += self.lr * max(-1.0, min(1.0, math.log(max(sops, 1e-9) / self.target(progress))))
         return sops
 
     @torch.no_grad()
@@ -101,10 +133,11 @@ class BudgetController:
                 iters += 1
                 mid = (lo + hi) / 2
                 s = sops_at(mid)
+                if fits(s):  # in the band wins over a closer miss just above the budget
+                    best = (mid, s)
+                    break
                 if miss(s) < miss(best[1]):
                     best = (mid, s)
-                if fits(s):
-                    break
                 lo, hi = (mid, hi) if s > self.budget else (lo, mid)
         tau, after = best
         overwrite_params(logits, [p0 - tau for p0 in original])
@@ -113,8 +146,9 @@ class BudgetController:
                 "budget_calibration_iters": float(iters)}
 
     def state_dict(self) -> dict:
-        return {"log_scale": self.log_scale, "last_sops": self.last_sops}
+        return {"log_scale": self.log_scale, "last_sops": self.last_sops, "start_sops": self.start_sops}
 
     def load_state_dict(self, state: dict) -> None:
         self.log_scale = float(state["log_scale"])
         self.last_sops = state.get("last_sops")
+        self.start_sops = state.get("start_sops")

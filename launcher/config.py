@@ -68,7 +68,7 @@ class ModelConfig:
 
 @dataclass
 class PruningConfig:
-    """The learning process of method.md §3, §4, §6; `enabled: false` trains the dense baseline."""
+    """The learning process of docs/METHOD.md §3, §4, §6; `enabled: false` trains the dense baseline."""
 
     enabled: bool = True
     lambda_w: float = field(default=1e-11, metadata=checked("non_negative"))
@@ -81,8 +81,12 @@ class PruningConfig:
     prune_neurons: bool = True
     # Target SOPs per sample; when set, the lambdas adapt during the search to land on it.
     sop_budget: Optional[float] = field(default=None, metadata=checked("positive"))
-    # Dense SOPs per sample for the energy ratio: a number, or the MLflow run id of a dense run.
+    # Dense SOPs per sample for the energy ratio: a number, the MLflow run id of a dense run,
+    # or the run directory of a finished dense run (its results.json).
     dense_reference: Union[float, str, None] = None
+    # The magnitude baseline (docs/METHOD.md §8): the run directory of a finished dense run;
+    # its selected weights are pruned by global magnitude onto `sop_budget`, then fine-tuned.
+    magnitude_from: Optional[str] = None
 
 
 @dataclass
@@ -144,8 +148,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0  # model initialisation and torch RNG
-    # Caps for tests and the demo: optimizer steps per epoch, batches per evaluation split;
-    # None runs full epochs / full evaluations.
+    # Caps for tests and the demo: optimizer steps per epoch, batches per validation pass;
+    # None runs full epochs / full validations. The final test report always reads the whole
+    # test split.
     steps_per_epoch_limit: Optional[int] = field(default=None, metadata=checked("positive"))
     eval_batches_limit: Optional[int] = field(default=None, metadata=checked("positive"))
 
@@ -272,6 +277,17 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.pruning.enabled and not (cfg.pruning.prune_weights or cfg.pruning.prune_neurons):
         raise ConfigError("pruning.prune_weights: with pruning.enabled, prune_weights or "
                           "prune_neurons must be true")
+    p = cfg.pruning
+    if p.magnitude_from is not None:
+        needs = {"pruning.enabled": (p.enabled, True), "pruning.prune_weights": (p.prune_weights, True),
+                 "pruning.prune_neurons": (p.prune_neurons, False), "pruning.search_epochs": (p.search_epochs, 0)}
+        for key, (value, wanted) in needs.items():
+            if value != wanted:
+                raise ConfigError(f"{key}: the magnitude baseline (pruning.magnitude_from) needs "
+                                  f"{key}={str(wanted).lower()}, got {str(value).lower()}")
+        if p.sop_budget is None:
+            raise ConfigError("pruning.sop_budget: the magnitude baseline (pruning.magnitude_from) "
+                              "prunes onto a SOP budget: set one")
 
 
 # --------------------------------------------------------------------------- public API

@@ -2,7 +2,7 @@
 
 Why one optimizer object with two roles, not two optimizers or two engines
 --------------------------------------------------------------------------
-The method (method.md §3) needs two optimisers: Adam for the mask logits and Adam or SGD for
+The method (docs/METHOD.md §3) needs two optimisers: Adam for the mask logits and Adam or SGD for
 the weights (+ BatchNorm), each at its own learning rate, the logits stepped first.
 DeepSpeed drives exactly one client optimizer per engine, and two engines whose losses flow
 through each other break in stage-dependent ways (stack.md). ZeRO stages 1 and 2 need a

@@ -1,4 +1,4 @@
-"""Train a pruned SNN: search -> subnetwork -> fine-tune -> test + energy report (method.md §6).
+"""Train a pruned SNN: search -> subnetwork -> fine-tune -> test + energy report (docs/METHOD.md §6).
 
     python -m launcher.train --config configs/demo.yaml [section.key=value ...]
 
@@ -31,14 +31,14 @@ from launcher.checkpoint import (CheckpointError, PreemptionHandler, TrainState,
                                  find_resumable, load_checkpoint, safe_load, save_checkpoint)
 from launcher.config import Config, ConfigError, flatten, load_config, save_config
 from launcher.distributed import barrier, is_primary, reduce_scalars, setup_distributed
-from launcher.ds_config import build_ds_config, build_optimizer, freeze, lr_at, set_lr
+from launcher.ds_config import build_ds_config, build_optimizer, freeze, lr_at, overwrite_params, set_lr
 from launcher.progress import Progress
 from launcher.reports import mask_histogram_png
 from launcher.tracking import Tracker, resolve_tracking_uri
 from model import build_model
 from model.energy import measure_energy
 from model.masks import (MaskError, beta_at, mask_logits, save_masks, set_beta, set_mask_mode,
-                         weight_params)
+                         weight_layers, weight_params)
 from model.penalty import energy_penalty, penalty_terms
 
 
@@ -89,10 +89,13 @@ def ensure_demo_data(cfg: Config) -> None:
 
 
 def dense_reference_sops(ref: float | str | None, tracking_uri: str) -> float | None:
-    """The dense run's SOPs per sample: given as a number, or read from its MLflow run
-    (the last value logged: its test-set energy report)."""
+    """The dense run's SOPs per sample: given as a number, read from a finished dense run's
+    directory (results.json: its test-set report), or from its MLflow run (the last value
+    logged: its test-set energy report)."""
     if ref is None or isinstance(ref, (int, float)):
         return ref
+    if Path(ref).is_dir():
+        return float(finished_results(Path(ref), "pruning.dense_reference")["sops_per_sample"])
     import mlflow
 
     try:
@@ -105,15 +108,55 @@ def dense_reference_sops(ref: float | str | None, tracking_uri: str) -> float | 
     return float(run.data.metrics["sops_per_sample"])
 
 
+def finished_results(run_dir: Path, key: str) -> dict:
+    """results.json of a finished run, or a ConfigError naming `key` and the directory."""
+    path = run_dir / "results.json"
+    if not path.is_file() or not (run_dir / "best_model.pt").is_file():
+        raise ConfigError(f"{key}: {run_dir} holds no finished run (no results.json / best_model.pt); "
+                          f"train that run first")
+    return json.loads(path.read_text())
+
+
+def start_from_magnitude(ctx: Ctx, dense_dir: Path) -> None:
+    """The magnitude baseline (docs/METHOD.md §8): the dense run's selected weights, every
+    weight logit set to |w|, so "kept iff logit > tau" is a global magnitude threshold; the
+    budget calibration then picks tau so that the hard-mask SOPs land on the budget (the same
+    calibration budget mode uses), and the subnetwork is hardened and fine-tuned as any other."""
+    net = ctx.net
+    dense = safe_load(dense_dir / "best_model.pt", map_location=ctx.device)
+    logit_names = {n for n, p in net.named_parameters() if any(p is q for q in mask_logits(net))}
+    own = net.state_dict()
+    if set(dense) != set(own) - logit_names:
+        raise ConfigError(f"pruning.magnitude_from: {dense_dir}/best_model.pt is not a dense network of "
+                          f"this model (another model, width or a pruned run?)")
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for name, value in dense.items():
+            if name in params:
+                continue
+            own[name].copy_(value)  # buffers: BatchNorm running statistics
+    weights = [n for n in params if n not in logit_names]
+    values = [dense[n].to(params[n].dtype) for n in weights]
+    layers = [m for _, m in weight_layers(net) if m.logits is not None]
+    overwrite_params([params[n] for n in weights] + [m.logits for m in layers],
+                     values + [dense[prefix_of(net, m) + "weight"].abs().to(m.logits.dtype) for m in layers])
+    harden_subnetwork(ctx)
+
+
+def prefix_of(net: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(f"{n}." for n, m in net.named_modules() if m is module)
+
+
 @torch.no_grad()
-def evaluate(ctx: Ctx, split: str, mode: str) -> dict[str, float]:
-    """Top-1/top-5 over this rank's shard, summed over ranks (exact: shards are disjoint)."""
-    net, cfg = ctx.net, ctx.cfg
+def evaluate(ctx: Ctx, split: str, mode: str, limit: int | None = None) -> dict[str, float]:
+    """Top-1/top-5 over this rank's shard (at most `limit` batches), summed over ranks (exact:
+    shards are disjoint)."""
+    net = ctx.net
     net.eval()
     set_mask_mode(net, mode)
     correct1 = correct5 = n = 0
     for i, (x, y) in enumerate(ctx.loaders[split]):
-        if cfg.eval_batches_limit is not None and i >= cfg.eval_batches_limit:
+        if limit is not None and i >= limit:
             break
         scores = net.logits(net(x.to(ctx.device, ctx.dtype)))
         top = scores.topk(min(5, scores.shape[1]), dim=1).indices
@@ -126,11 +169,11 @@ def evaluate(ctx: Ctx, split: str, mode: str) -> dict[str, float]:
     return {"top1": s["c1"] / max(s["n"], 1), "top5": s["c5"] / max(s["n"], 1), "n": s["n"]}
 
 
-def energy_on(ctx: Ctx, split: str, dense_sops: float | None):
-    """Energy report with hard masks on `split`: each rank counts its shard, per-layer sums are
-    reduced so every rank holds the report of the whole split."""
+def energy_on(ctx: Ctx, split: str, dense_sops: float | None, limit: int | None = None):
+    """Energy report with hard masks on `split` (at most `limit` batches): each rank counts its
+    shard, per-layer sums are reduced so every rank holds the report of the whole split."""
     report = measure_energy(ctx.net, ((x.to(ctx.device, ctx.dtype), y) for x, y in ctx.loaders[split]),
-                            max_batches=ctx.cfg.eval_batches_limit, dense_reference_sops=dense_sops)
+                            max_batches=limit, dense_reference_sops=dense_sops)
     fields, n = ("sops_per_sample", "macs_per_sample", "firing_rate"), report.samples
     sums = reduce_scalars({"n": n, **{f"{i}.{f}": (getattr(row, f) or 0.0) * n
                                       for i, row in enumerate(report.layers) for f in fields}}, op="sum")
@@ -172,9 +215,14 @@ def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
         if i >= micro_per_epoch:
             break
         phase_step = state.search_step if search else state.step - state.extra.get("finetune_start", 0)
-        set_lr(engine.optimizer, "weight", lr_at(phase_step, total_steps, base_lr, cfg.optim.schedule))
-        metrics = {}
+        lr = lr_at(phase_step, total_steps, base_lr, cfg.optim.schedule)
+        set_lr(engine.optimizer, "weight", lr)
+        metrics = {"lr": lr}
         if search:
+            # the reference schedules both optimizers (docs/METHOD.md §6); frozen after the search
+            mask_lr = lr_at(phase_step, total_steps, cfg.optim.mask_lr, cfg.optim.schedule)
+            set_lr(engine.optimizer, "mask", mask_lr)
+            metrics["mask_lr"] = mask_lr
             beta = beta_at(state.search_step, total_steps, cfg.pruning.beta_0, cfg.pruning.beta_T)
             set_beta(net, beta)
             metrics["beta"] = beta
@@ -198,7 +246,9 @@ def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
         if search:
             state.search_step += 1
             if ctx.budget and state.search_step % ctx.budget.every == 0:
-                metrics["budget_sops"] = ctx.budget.observe(net, x.to(ctx.device, ctx.dtype))
+                progress = state.search_step / max(total_steps, 1)
+                metrics["budget_sops"] = ctx.budget.observe(net, x.to(ctx.device, ctx.dtype), progress)
+                metrics["budget_target"] = ctx.budget.target(progress)
         # The loss of the global batch: mean over micro-batches and ranks (one small all-reduce).
         metrics["train_loss"] = reduce_scalars({"loss": step_loss})["loss"]
         step_loss = 0.0
@@ -250,12 +300,14 @@ def end_of_epoch(ctx: Ctx, phase: str, epoch: int, train_loss: float) -> dict:
     net, cfg = ctx.net, ctx.cfg
     pruning = cfg.pruning.enabled
     metrics = {"epoch_train_loss": train_loss}
+    limit = cfg.eval_batches_limit
     if pruning and phase == "search":
-        metrics["val_top1"] = evaluate(ctx, "val", "soft")["top1"]
-        metrics["val_top1_hard"] = evaluate(ctx, "val", "hard")["top1"]
+        metrics["val_top1"] = evaluate(ctx, "val", "soft", limit)["top1"]
+        metrics["val_top1_hard"] = evaluate(ctx, "val", "hard", limit)["top1"]
     else:
-        metrics["val_top1"] = metrics["val_top1_hard"] = evaluate(ctx, "val", "hard" if pruning else "off")["top1"]
-    report = energy_on(ctx, "val", None)
+        metrics["val_top1"] = metrics["val_top1_hard"] = evaluate(ctx, "val", "hard" if pruning else "off",
+                                                                  limit)["top1"]
+    report = energy_on(ctx, "val", None, limit)
     metrics.update(weight_keep=report.weight_keep, neuron_keep=report.neuron_keep,
                    connectivity=report.connectivity, sops_per_sample=report.sops_per_sample)
     set_mask_mode(net, "soft" if pruning and phase == "search" else ("hard" if pruning else "off"))
@@ -302,21 +354,29 @@ def calibrate_budget(ctx: Ctx) -> None:
 
 def harden_subnetwork(ctx: Ctx) -> None:
     """End of search: masks hardened and frozen, weight LR reset, optimizer state kept."""
-    cfg, state = ctx.cfg, ctx.state
+    state = ctx.state
     set_mask_mode(ctx.net, "hard")
     freeze(ctx.engine.optimizer, "mask")
     state.phase, state.epoch, state.batch_in_epoch = "finetune", 0, 0
     state.extra["finetune_start"] = state.step
     if ctx.budget:
         calibrate_budget(ctx)
-    run_dir = Path(cfg.checkpoint.run_dir)
+    write_mask_artifacts(ctx)
+    save(ctx, tag="subnetwork")
+    save(ctx)
+
+
+def write_mask_artifacts(ctx: Ctx) -> None:
+    """masks.spm and the mask histograms of the network in `ctx.net`, locally and in MLflow.
+    Written at hardening and again for the selected network: in budget mode the calibration
+    moves the kept set after every fine-tune epoch, and the file a user downloads must be the
+    reported network's."""
+    run_dir = Path(ctx.cfg.checkpoint.run_dir)
     if is_primary():
-        save_masks(ctx.net, run_dir / "masks.spm", cfg.model.name)
+        save_masks(ctx.net, run_dir / "masks.spm", ctx.cfg.model.name)
         mask_histogram_png(ctx.net, run_dir / "mask_histograms.png")
         ctx.tracker.log_artifact(run_dir / "masks.spm")
         ctx.tracker.log_artifact(run_dir / "mask_histograms.png")
-    save(ctx, tag="subnetwork")
-    save(ctx)
 
 
 def final_report(ctx: Ctx) -> dict:
@@ -329,9 +389,12 @@ def final_report(ctx: Ctx) -> dict:
     elif is_primary():  # no fine-tuning to select from: the reported model is the last one
         atomic_torch_save(ctx.net.state_dict(), best_path)
     mode = "hard" if cfg.pruning.enabled else "off"
+    if cfg.pruning.enabled:
+        write_mask_artifacts(ctx)
+    # Always the whole test split: `eval_batches_limit` caps only the validation passes.
     test = evaluate(ctx, "test", mode)
     report = energy_on(ctx, "test", ctx.dense_sops)
-    results = {"test_top1": test["top1"], "test_top5": test["top5"],
+    results = {"test_top1": test["top1"], "test_top5": test["top5"], "test_samples": test["n"],
                "best_val_top1": ctx.state.best_val_top1, "best_epoch": ctx.state.best_epoch,
                **report.metrics()}
     if is_primary():
@@ -374,6 +437,8 @@ def _train(cfg: Config, stop: PreemptionHandler, reporter: Callable[[dict], None
     p, run_dir = cfg.pruning, Path(cfg.checkpoint.run_dir)
     # Everything that can fail on a wrong input fails here, before the MLflow run is created.
     dense_sops = dense_reference_sops(p.dense_reference, resolve_tracking_uri(cfg.tracking))
+    if p.magnitude_from is not None:
+        finished_results(Path(p.magnitude_from), "pruning.magnitude_from")
     if is_primary():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -413,6 +478,9 @@ def _train(cfg: Config, stop: PreemptionHandler, reporter: Callable[[dict], None
                       parent_run_id=parent_run_id)
     if ckpt is None:
         tracker.log_params(flatten(cfg))
+        for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+            tracker.log_dataset(Path(cfg.data.data_dir) / f"{split}.beton", f"{cfg.data.dataset}/{split}",
+                                context, loaders[split].reader.num_samples)
     budget = None
     if p.enabled and p.sop_budget is not None:
         budget = BudgetController(p.sop_budget, p.lambda_w, p.lambda_n)
@@ -431,6 +499,8 @@ def _train(cfg: Config, stop: PreemptionHandler, reporter: Callable[[dict], None
     ctx = Ctx(cfg, engine, net, loaders, tracker, state, stop, info.device, dtype,
               steps_per_epoch, reporter, budget, Progress(enabled=is_primary()), dense_sops)
     try:
+        if p.magnitude_from is not None and ckpt is None:
+            start_from_magnitude(ctx, Path(p.magnitude_from))
         if state.phase == "search":
             set_mask_mode(net, "soft")
             run_phase(ctx, "search")

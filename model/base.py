@@ -18,7 +18,9 @@ class SpikingNet(nn.Module):
     num_classes: int
 
     def finalize(self) -> None:
-        """Size the neuron masks and record layer input sizes with one structural pass."""
+        """Initialise as the reference does, then size the neuron masks and record layer
+        input sizes with one structural pass."""
+        init_weights(self)
         set_mask_mode(self, "off")
         structural_pass(self)
         set_mask_mode(self, "soft")
@@ -33,6 +35,21 @@ class SpikingNet(nn.Module):
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(self.logits(out), y)
+
+
+def init_weights(net: nn.Module) -> None:
+    """The reference's initialisation (docs/METHOD.md §2): every conv and FC weight
+    kaiming-normal with mode fan_out for ReLU, std = sqrt(2 / fan_out) (fan_out = C_out k k for a
+    conv, out_features for an FC layer); BatchNorm weight 1, bias 0. PyTorch's default would
+    leave the FC layers of the CIFAR net silent at the start and make conv steps under Adam
+    2.5x larger relative to the weights. Biases (only the SEW head has one) keep PyTorch's
+    default."""
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def sequential_consumers(blocks: list[nn.Module]) -> list[tuple[NeuronMask, list]]:

@@ -1,4 +1,4 @@
-"""CIFAR-10 "6Conv2FC" (method.md §2): 36,715,264 weights at width 1, T = 8, LIF, vote 100 -> 10."""
+"""CIFAR-10 "6Conv2FC" (docs/METHOD.md §2): 36,715,264 weights at width 1, T = 8, LIF, vote 100 -> 10."""
 
 from __future__ import annotations
 

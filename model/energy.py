@@ -1,4 +1,4 @@
-"""The energy report (method.md §5): exact SOPs per sample, first-layer MACs, energy in pJ.
+"""The energy report (docs/METHOD.md §5): exact SOPs per sample, first-layer MACs, energy in pJ.
 
 SOPs of a counted layer = sum over t, n, inputs i and kept post-neurons j of
 input_i[t, n] * keep_w(i -> j). Running a second (0/1-kernel) conv per batch would double the
@@ -23,7 +23,7 @@ from model.masks import (MaskedConv2d, MaskedLinear, MaskError, keep_ratios, mas
                          set_mask_mode, weight_layers)
 from model.structure import connectivity
 
-PJ_PER_SOP = 0.9   # 45 nm accumulate (method.md §5)
+PJ_PER_SOP = 0.9   # 45 nm accumulate (docs/METHOD.md §5)
 PJ_PER_MAC = 4.6   # 45 nm multiply-accumulate, first layer only
 REPORT_NAME = "energy_report.json"
 

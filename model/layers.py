@@ -24,16 +24,20 @@ def make_neuron(kind: str) -> nn.Module:
     raise ValueError(f"unknown neuron kind {kind!r} (expected 'lif' or 'if')")
 
 
-def _record(layer, a_in: torch.Tensor, count: torch.Tensor, post_keep: torch.Tensor) -> torch.Tensor:
+def _record(layer, a_in: torch.Tensor, count: torch.Tensor, post_keep: torch.Tensor,
+            in_connectivity: bool = True) -> torch.Tensor:
     """Store one layer's structural figures; return the alive map of its outputs.
 
-    count[..., j] = number of live synapses into output j (alive input x kept weight);
-    connections are counted only into kept post-neurons, per time step and sample.
+    count[..., j] = sum over inputs i of a_i x keep_w(i -> j), where the arriving map a is not
+    thresholded: an average-pooled map weights by its fraction, a SEW sum by its multiplicity
+    (docs/METHOD.md, connectivity). Connections are counted only into kept post-neurons, per
+    time step and sample; the output map is 0/1. A layer left out of connectivity (the SEW
+    head, as in the reference) records 0.
     """
     slices = a_in.shape[0]
     post_keep = post_keep.to(count.device)
     live = count * post_keep.to(count.dtype)
-    layer.live_connections = float(live.sum()) / slices
+    layer.live_connections = float(live.sum()) / slices if in_connectivity else 0.0
     return ((count > 0) & post_keep).to(count.dtype)
 
 
@@ -54,7 +58,7 @@ class ConvBNSpike(nn.Module):
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         T, N = x_seq.shape[:2]
         if self.structural:
-            a = (x_seq.flatten(0, 1) > 0).to(torch.float32)
+            a = x_seq.flatten(0, 1).to(torch.float32)
             count = F.conv2d(a, self.conv.keep().float(), None, self.conv.stride, self.conv.padding)
             self.conv.in_hw, self.conv.out_hw = tuple(a.shape[-2:]), tuple(count.shape[-2:])
             self.nmask.materialize(count.shape[1:])
@@ -87,18 +91,19 @@ class LinearSpike(nn.Module):
     """FC layer over [T, N, F] with a weight mask only; a neuron unless it is a real-valued output."""
 
     def __init__(self, in_f: int, out_f: int, neuron: str | None = "lif", weight_mask: bool = True,
-                 counted: bool = True, bias: bool = False):
+                 counted: bool = True, bias: bool = False, in_connectivity: bool = True):
         super().__init__()
         self.fc = MaskedLinear(in_f, out_f, weight_mask, counted, bias=bias)
         self.neuron = make_neuron(neuron) if neuron else None
+        self.in_connectivity = in_connectivity
         self.structural = False
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         if self.structural:
-            a = (x_seq.flatten(0, 1) > 0).to(torch.float32)
+            a = x_seq.flatten(0, 1).to(torch.float32)
             count = a @ self.fc.keep().float().t()
             keep = torch.ones(count.shape[1:], dtype=torch.bool)
-            return _record(self.fc, a, count, keep).unflatten(0, x_seq.shape[:2])
+            return _record(self.fc, a, count, keep, self.in_connectivity).unflatten(0, x_seq.shape[:2])
         y = self.fc(x_seq)
         return self.neuron(y) if self.neuron is not None else y
 

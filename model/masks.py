@@ -1,4 +1,4 @@
-"""Learnable weight and neuron masks (method.md §3).
+"""Learnable weight and neuron masks (docs/METHOD.md §3).
 
 Every mask is a logit tensor alpha, initialised at 0. Three modes:
 - "soft": gate = sigmoid(beta * alpha) (search phase; gradients reach alpha),

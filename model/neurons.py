@@ -1,4 +1,4 @@
-"""Multi-step LIF and IF neurons (method.md §1) with a hand-written BPTT.
+"""Multi-step LIF and IF neurons (docs/METHOD.md §1) with a hand-written BPTT.
 
 Input x_seq is [T, N, ...]; output spikes have its shape and dtype. The membrane potential
 starts at v_reset on every call, so no state survives between batches (no reset_net).

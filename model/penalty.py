@@ -1,4 +1,4 @@
-"""The decomposed energy penalty (method.md §4).
+"""The decomposed energy penalty (docs/METHOD.md §4).
 
     P = lambda_n * sum_l e_n(l) * sum_i sigmoid(beta alpha_n,i)
       + lambda_w * sum_l e_w(l) * sum_p sigmoid(beta alpha_w,p)

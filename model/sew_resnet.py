@@ -1,4 +1,4 @@
-"""SEW-ResNet-18/34/50 with ADD connect function and IF neurons (method.md §2), T = 4.
+"""SEW-ResNet-18/34/50 with ADD connect function and IF neurons (docs/METHOD.md §2), T = 4.
 
 Every block conv and downsample conv carries a weight and a neuron mask; the stem and the
 head are neither pruned nor counted. The Bottleneck (SEW-ResNet-50) is pruned as well.
@@ -78,7 +78,9 @@ class SEWResNet(SpikingNet):
                 blocks.append(_SEWBlock(convs, down))
                 c = c_out
         self.blocks = nn.Sequential(*blocks)
-        self.head = LinearSpike(c, num_classes, neuron=None, weight_mask=False, counted=False, bias=True)
+        # the reference leaves the head out of connectivity too (docs/METHOD.md)
+        self.head = LinearSpike(c, num_classes, neuron=None, weight_mask=False, counted=False, bias=True,
+                                in_connectivity=False)
         self.finalize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

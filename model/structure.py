@@ -1,7 +1,9 @@
-"""Structural pass: propagate an alive map through the net (method.md §5, connectivity).
+"""Structural pass: propagate an alive map through the net (docs/METHOD.md §5, connectivity).
 
 A position is alive if it has >= 1 live input connection and its neuron mask keeps it;
-max-pool is OR, padding contributes nothing, SEW shortcut maps add. The same pass sizes the
+max-pool is OR, average pooling averages (the fraction weights the next layer's count),
+padding contributes nothing, SEW shortcut maps add (the sum, 2, 3, ..., weights the next
+layer's count), as the reference's `connects()` counts (docs/METHOD.md). The same pass sizes the
 lazily built neuron masks and records every weight layer's input size (used by e_w).
 """
 

@@ -29,7 +29,7 @@ def default_num_classes(name: str) -> int:
 
 def structure_summary(net: nn.Module) -> dict:
     """Global sizes and one row per weight layer; dense connections are per time step and
-    sample with every mask off and padding excluded (method.md §5). Mask modes are restored."""
+    sample with every mask off and padding excluded (docs/METHOD.md §5). Mask modes are restored."""
     modes = {name: m.mode for name, m in masked_modules(net)}
     try:
         set_mask_mode(net, "off")

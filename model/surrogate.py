@@ -1,4 +1,4 @@
-"""ATan surrogate spike function (method.md §1), numerically the same as SpikingJelly's
+"""ATan surrogate spike function (docs/METHOD.md §1), numerically the same as SpikingJelly's
 `surrogate.ATan(alpha=2.)`: forward is the Heaviside step (spike iff x >= 0), backward
 uses dS/dx = alpha / (2 (1 + (pi/2 alpha x)^2))."""
 import math

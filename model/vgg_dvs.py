@@ -1,4 +1,4 @@
-"""DVS-CIFAR10 "VGGSNN" (method.md §2): 9,677,952 weights at width 1, T = 10, input [N, T, 2, 48, 48]."""
+"""DVS-CIFAR10 "VGGSNN" (docs/METHOD.md §2): 9,677,952 weights at width 1, T = 10, input [N, T, 2, 48, 48]."""
 
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def test_cli(capsys):
 
 @pytest.mark.parametrize("world, accum, on_gpu", [(1, 1, False), (4, 2, True), (3, 4, False)])
 def test_ds_config_consistent(world, accum, on_gpu):
-    cfg = load_config(CONFIGS / "cifar10.yaml", [f"optim.grad_accum={accum}", "optim.grad_clip=1.5",
+    cfg = load_config(CONFIGS / "cifar10.yaml", [f"optim.grad_accum={accum}", "optim.grad_clip=1.5", "deepspeed.precision=auto",
                                                  "deepspeed.zero_stage=2"])
     ds = build_ds_config(cfg, world, on_gpu)
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * accum * world

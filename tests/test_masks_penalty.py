@@ -10,7 +10,8 @@ import torch
 
 from model import build_model
 from model.base import SpikingNet, sequential_consumers
-from model.layers import ConvBNSpike, LinearSpike
+from model.layers import ConvBNSpike, LinearSpike, SeqPool, StaticConvBNSpike
+from model.sew_resnet import _SEWBlock
 from model.masks import (MaskedConv2d, MaskedLinear, NeuronMask, beta_at, harden, mask_logits,
                          set_mask_mode, weight_params)
 from model.penalty import energy_penalty, penalty_terms
@@ -73,6 +74,76 @@ def test_connectivity_by_hand():
     assert conn.ratio == pytest.approx((30 + 224 + 175) / (1536 + 768 + 180))
     # the structural pass restores the masks' modes
     assert all(m.mode == "soft" for m in net.modules() if hasattr(m, "mode"))
+
+
+class HandSEW(SpikingNet):
+    """1 channel, 3x3 map, 1x1 kernels: stem -> SEW block (conv1, conv2, identity) -> after."""
+
+    def __init__(self):
+        super().__init__()
+        self.T, self.num_classes, self.input_shape = 1, 9, (1, 3, 3)
+        self.stem = StaticConvBNSpike(1, 1, 1, 1, 0, neuron="if", weight_mask=False, T=1)
+        self.block = _SEWBlock([ConvBNSpike(1, 1, 1, 1, 0, "if"), ConvBNSpike(1, 1, 1, 1, 0, "if")], None)
+        self.after = ConvBNSpike(1, 1, 1, 1, 0, "if")
+        self.finalize()
+
+    def forward(self, x):
+        return self.after(self.block(self.stem(x))).flatten(2)
+
+    def consumers(self):
+        return []
+
+
+def test_sew_connectivity_counts_shortcut_multiplicities():
+    """The block's output map is conv2's 0/1 map + the shortcut's: 2 where both live, and that
+    value weights `after`'s count (the reference's connects())."""
+    net = HandSEW()
+    conn = connectivity(net)
+    # dense: stem 9, conv1 9, conv2 9, after 2 x 9 (every position reached twice)
+    assert conn.dense == {"stem.conv": 9, "block.convs.0.conv": 9, "block.convs.1.conv": 9, "after.conv": 18}
+    with torch.no_grad():
+        for p in mask_logits(net):
+            p.fill_(1.0)
+        net.block.convs[0].nmask.logits[0, 0, 0] = -1.0  # conv1 drops its neuron at (0, 0)
+        net.block.convs[1].nmask.logits[0, 1, 1] = -1.0  # conv2 drops its neuron at (1, 1)
+    conn = connectivity(net)
+    # conv1 8; conv2 sees a dead (0, 0) and keeps 7 of the other 8; block map: 1 at (0, 0) and
+    # (1, 1) (shortcut only), 2 at the other 7 -> after 2 + 14
+    assert conn.live == {"stem.conv": 9, "block.convs.0.conv": 8, "block.convs.1.conv": 7, "after.conv": 16}
+    assert conn.ratio == pytest.approx(40 / 45)
+
+
+class HandAvgPool(SpikingNet):
+    """1 channel, 4x4 map: stem 1x1 -> conv 1x1 (neuron mask) -> 2x2 average pool -> FC 4 -> 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.T, self.num_classes, self.input_shape = 1, 2, (1, 4, 4)
+        self.stem = StaticConvBNSpike(1, 1, 1, 1, 0, T=1)
+        self.conv = ConvBNSpike(1, 1, 1, 1, 0)
+        self.pool = SeqPool("avg", 2)
+        self.fc = LinearSpike(4, 2, neuron=None)
+        self.finalize()
+
+    def forward(self, x):
+        return self.fc(self.pool(self.conv(self.stem(x))).flatten(2))
+
+    def consumers(self):
+        return sequential_consumers([self.conv, self.fc])
+
+
+def test_avg_pool_connectivity_weights_by_the_pooled_fraction():
+    net = HandAvgPool()
+    assert connectivity(net).dense == {"stem.conv": 16, "conv.conv": 16, "fc.fc": 8}
+    with torch.no_grad():
+        for p in mask_logits(net):
+            p.fill_(1.0)
+        net.conv.nmask.logits[0, 0, :2] = -1.0  # two of the top-left pooling window's 4 neurons
+        net.fc.fc.logits[0, 0] = -1.0  # output 0 no longer reads the top-left window
+    conn = connectivity(net)
+    # pooled map [0.5, 1, 1, 1]: output 0 reads 3 of it, output 1 all 3.5 (OR would give 4 + 3)
+    assert conn.live == {"stem.conv": 16, "conv.conv": 14, "fc.fc": 3 + 3.5}
+    assert conn.ratio == pytest.approx(36.5 / 40)
 
 
 def tiny_sew(depth: int):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,26 +46,34 @@ STAGES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (planes, output side) per
 
 
 def sew_reference(depth: int) -> tuple[int, int]:
-    """(conv + fc weights, dense connections per step) of SEW-ResNet-depth from closed forms."""
+    """(conv + fc weights, dense connections per step) of SEW-ResNet-depth from closed forms.
+
+    Connectivity as the reference counts it: a block's output map is its last conv's map (1)
+    plus the shortcut's (the block input's value m, or 1 after a downsample conv), and the map
+    value weights the next convs' counts: m = 1, 2, 3, ... along a stage, back to 2 after a
+    downsample. The head is left out."""
     blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3]}[depth]
-    convs = [(7, 3, 64, STEM_TAPS)]  # (kernel, c_in, c_out, taps per axis)
-    c_in = 64
+    convs = [(7, 3, 64, STEM_TAPS, 1)]  # (kernel, c_in, c_out, taps per axis, input map value)
+    c_in, m = 64, 1
     for stage, ((planes, h), n) in enumerate(zip(STAGES, blocks)):
         for i in range(n):
             stride = 2 if i == 0 and stage > 0 else 1
             if depth < 50:
-                convs += [(3, c_in, planes, _taps_3x3(h, stride)), (3, planes, planes, 3 * h - 2)]
+                convs += [(3, c_in, planes, _taps_3x3(h, stride), m), (3, planes, planes, 3 * h - 2, 1)]
                 c_out = planes
             else:
                 h_in = h * stride
-                convs += [(1, c_in, planes, h_in), (3, planes, planes, _taps_3x3(h, stride)),
-                          (1, planes, 4 * planes, h)]
+                convs += [(1, c_in, planes, h_in, m), (3, planes, planes, _taps_3x3(h, stride), 1),
+                          (1, planes, 4 * planes, h, 1)]
                 c_out = 4 * planes
             if stride != 1 or c_in != c_out:
-                convs.append((1, c_in, c_out, h))
+                convs.append((1, c_in, c_out, h, m))
+                m = 1 + 1
+            else:
+                m = 1 + m
             c_in = c_out
-    weights = sum(k * k * ci * co for k, ci, co, _ in convs) + c_in * 1000
-    connections = sum(t * t * ci * co for _, ci, co, t in convs) + c_in * 1000
+    weights = sum(k * k * ci * co for k, ci, co, _, _ in convs) + c_in * 1000
+    connections = sum(mult * t * t * ci * co for _, ci, co, t, mult in convs)
     return weights, connections
 
 
@@ -101,6 +110,40 @@ def test_width1_figures(name):
     assert fig["weights"] == weights
     if connections is not None:
         assert fig["dense_connections_per_step"] == connections
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_init_stds_follow_the_closed_form(name):
+    """The reference's init: weight std = sqrt(2 / fan_out), fan_out = C_out k k (conv) or
+    out_features (FC); BatchNorm weight 1, bias 0. Checked per layer against the sample std
+    within its sampling error (a few times 1/sqrt(2n) relative)."""
+    torch.manual_seed(0)
+    kw, _ = TINY[name]
+    net = build_model(name, num_classes=10, **{**kw, "width": 1 / 4})
+    layers = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert layers
+    for lname, m in layers:
+        w = m.weight.detach()
+        fan_out = w.shape[0] * (w[0, 0].numel() if w.dim() == 4 else 1)
+        expected = math.sqrt(2.0 / fan_out)
+        tol = 5 / math.sqrt(2 * w.numel()) + 1e-3
+        assert abs(float(w.std()) / expected - 1) < tol, (lname, float(w.std()), expected)
+        assert abs(float(w.mean())) < 5 * expected / math.sqrt(w.numel()), lname
+    for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and not bn.bias.any()
+
+
+def test_sew_reference_connectivity_by_hand():
+    """One line of the closed form checked by hand: SEW-18's first stage at 56 x 56 (3x3 taps
+    per axis 3 * 56 - 2 = 166) reads maps of value 1 then 2 into its block entries."""
+    taps = 166 * 166 * 64 * 64
+    stage1 = (1 + 1) * taps + (2 + 1) * taps  # block 1: conv1 reads m=1, conv2 m=1; block 2: m=2, 1
+    stem = STEM_TAPS ** 2 * 3 * 64
+    net = build_model("sew_resnet18", num_classes=1000)
+    dense = structure_summary(net)["layers"]
+    first = {r["name"]: r["dense_connections"] for r in dense[:5]}
+    assert sum(first.values()) == stem + stage1
+    assert dense[-1]["name"] == "head.fc" and dense[-1]["dense_connections"] == 0
 
 
 @pytest.mark.slow

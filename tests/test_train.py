@@ -11,6 +11,7 @@ subprocess. Settings: configs/test_tiny.yaml (6 steps of search, 6 of fine-tunin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -24,7 +25,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from helpers_train import (REPO, TINY_CONFIG, clean_env, latest_checkpoint, masks_of, max_abs_diff, module_state,
+from helpers_train import (N_TEST, N_TRAIN, N_VAL, REPO, TINY_CONFIG, clean_env, latest_checkpoint, masks_of, max_abs_diff, module_state,
                            overrides, reference_run, run_train, sqlite_uri, tiny_data, train_cmd)
 from launcher.checkpoint import EXIT_REQUEUE, EXIT_TERMINATED, MARKER, safe_load
 
@@ -81,6 +82,19 @@ def test_mlflow_run_holds_metrics_and_artifacts(reference):
     assert run.data.metrics["energy_ratio"] == pytest.approx(5e6 / report["sops_per_sample"])
     results = json.loads((reference.run_dir / "results.json").read_text())
     assert run.data.metrics["test_top1"] == results["test_top1"] and 0 <= results["test_top1"] <= 1
+
+    # The data lineage: the three .beton files as dataset inputs, with counts and digests.
+    inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "training", "validation"]
+    counts = {"training": N_TRAIN, "validation": N_VAL, "test": N_TEST}
+    for context, ds in inputs.items():
+        profile = json.loads(ds.profile)
+        assert profile["num_samples"] == counts[context], context
+        split = {"training": "train", "validation": "val", "test": "test"}[context]
+        path = Path(reference.args[0].split("=", 1)[1]) / f"{split}.beton"
+        assert ds.source == str(path.resolve()) and ds.name == f"demo/{split}"
+        assert ds.digest == hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+    assert results["test_samples"] == N_TEST
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"energy_report.json", "energy_per_layer.png", "mask_histograms.png", "masks.spm",
@@ -256,3 +270,30 @@ def test_bad_inputs_end_with_one_error_line(reference, data_dir, tmp_path):
                                *cases[name][1])
         assert proc.returncode == 2, (name, line)
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()  # nothing started
+
+
+@pytest.mark.slow
+def test_mask_lr_follows_the_schedule_in_the_search_then_freezes(data_dir, tmp_path):
+    """With a cosine schedule both optimizers decay over the search (as the reference's), the
+    weights' LR restarts at finetune_lr for fine-tuning, and the hardened masks never move."""
+    from launcher.ds_config import lr_at
+
+    store = sqlite_uri(tmp_path / "mlruns.db")
+    run_dir = tmp_path / "run"
+    run_train(overrides(data_dir, run_dir, store, "optim.schedule=cosine", "optim.mask_lr=1e-2"))
+    client, run = only_run(store)
+    history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+               for key in ("lr", "mask_lr")}
+    search = STEPS // 2
+    assert sorted(history["mask_lr"]) == list(range(1, search + 1))  # logged during the search only
+    for step in range(1, search + 1):  # step k is taken at phase step k - 1
+        assert history["mask_lr"][step] == pytest.approx(lr_at(step - 1, search, 1e-2, "cosine"))
+        assert history["lr"][step] == pytest.approx(lr_at(step - 1, search, 1e-2, "cosine"))
+    for step in range(search + 1, STEPS + 1):
+        assert history["lr"][step] == pytest.approx(lr_at(step - search - 1, STEPS - search, 1e-3, "cosine"))
+    assert history["mask_lr"][search] < history["mask_lr"][1] / 2
+    sub = masks_of(module_state(run_dir / "checkpoints" / "subnetwork"))
+    final = module_state(latest_checkpoint(run_dir))
+    assert sub and all(torch.equal(sub[k], masks_of(final)[k]) for k in sub)
+    logits = {k: v for k, v in module_state(run_dir / "checkpoints" / "subnetwork").items() if k.endswith("logits")}
+    assert all(torch.equal(v, final[k]) for k, v in logits.items())

@@ -1,4 +1,4 @@
-"""Search the mask-penalty coefficients against SOP budgets with Ray Tune (method.md §4).
+"""Search the mask-penalty coefficients against SOP budgets with Ray Tune (docs/METHOD.md §4).
 
     python tuning/sweep.py --config configs/sweep_demo.yaml [--address auto|HOST:PORT] [key=value ...]
     python -m tuning.sweep  (the same)
@@ -285,15 +285,15 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
                          f"(see slurm/ray_tune.sh), or leave --address out for a local Ray") from None
 
 
-def connect_ray(cfg: SweepConfig) -> None:
-    if cfg.address is None:
-        ray.init(num_cpus=cfg.local_cpus, _temp_dir=ray_temp_dir(cfg.sweep_dir),
-                 include_dashboard=False)
+def connect_ray(address: str | None, local_cpus: int | None, out_dir: Path) -> None:
+    """A local Ray (session files under `out_dir`) when `address` is None, else the cluster's."""
+    if address is None:
+        ray.init(num_cpus=local_cpus, _temp_dir=ray_temp_dir(out_dir), include_dashboard=False)
         return
     try:
-        ray.init(address=cfg.address)
+        ray.init(address=address)
     except ConnectionError as exc:
-        raise SweepError(f"cannot connect to the Ray cluster at {cfg.address}: "
+        raise SweepError(f"cannot connect to the Ray cluster at {address}: "
                          f"{str(exc).splitlines()[0]}") from None
 
 
@@ -310,26 +310,32 @@ def trial_setup(cfg: SweepConfig, train_cfg: Config, parent_run_id: str | None) 
 
 
 def check_restart(cfg: SweepConfig, saved_path: Path) -> None:
+    refuse_changed_restart("sweep", cfg.sweep_dir, sweep_config_yaml(cfg), saved_path)
+
+
+def refuse_changed_restart(kind: str, out_dir: Path, now_yaml: str, saved_path: Path) -> None:
+    """A restarted sweep or comparison must have the settings it started with (but
+    RESTART_MAY_CHANGE): the saved Tune experiment would silently ignore other values."""
     saved = yaml.safe_load(saved_path.read_text())
-    now = yaml.safe_load(sweep_config_yaml(cfg))
+    now = yaml.safe_load(now_yaml)
     changed = sorted(k for k in set(saved) | set(now)
                      if k not in RESTART_MAY_CHANGE and saved.get(k) != now.get(k))
     if changed:
-        raise SweepError(f"{cfg.sweep_dir} holds a sweep started with other settings ({', '.join(changed)} "
+        raise SweepError(f"{out_dir} holds a {kind} started with other settings ({', '.join(changed)} "
                          f"differ from {saved_path}); choose another name= or storage_path=, or "
                          f"delete that folder to start over")
 
 
-def parent_tracker(cfg: SweepConfig, train_cfg: Config) -> Tracker:
-    """The sweep's MLflow run (the trials' runs nest under it); resumed with the sweep."""
-    tracking = dataclasses.replace(train_cfg.tracking, run_name=f"sweep {cfg.name}",
+def parent_tracker(kind: str, name: str, out_dir: Path, train_cfg: Config) -> Tracker:
+    """The MLflow run of a sweep or comparison (the trials' runs nest under it); resumed with it."""
+    tracking = dataclasses.replace(train_cfg.tracking, run_name=f"{kind} {name}",
                                    tracking_uri=resolve_tracking_uri(train_cfg.tracking))
     if tracking.enabled:
         try:
             ensure_store(tracking.tracking_uri)  # schema created once, before trials fan out
         except Exception as exc:  # the Tracker keeps records locally and warns
             print(f"MLflow store {tracking.tracking_uri} not ready: {exc}".splitlines()[0], file=sys.stderr)
-    return Tracker(tracking, 0, cfg.sweep_dir, tags={"spikeprune.kind": "sweep"})
+    return Tracker(tracking, 0, out_dir, tags={"spikeprune.kind": kind})
 
 
 def collect(cfg: SweepConfig) -> list[TrialOutcome]:
@@ -439,12 +445,12 @@ def run_sweep(cfg: SweepConfig, trainable=run_trial) -> dict:
     if not saved.is_file():
         saved.write_text(sweep_config_yaml(cfg))
 
-    connect_ray(cfg)
+    connect_ray(cfg.address, cfg.local_cpus, cfg.sweep_dir)
     try:
         from launcher.train import ensure_demo_data
 
         ensure_demo_data(train_cfg)  # once here: concurrent trials would all write it
-        tracker = parent_tracker(cfg, train_cfg)
+        tracker = parent_tracker("sweep", cfg.name, cfg.sweep_dir, train_cfg)
         if not restoring:
             tracker.log_params(flatten_dict(to_dict(cfg), delimiter="."))
             tracker.log_artifact(saved)
@@ -486,29 +492,38 @@ def run_sweep(cfg: SweepConfig, trainable=run_trial) -> dict:
     return doc
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python tuning/sweep.py", allow_abbrev=False,
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="sweep YAML file, e.g. configs/sweep_demo.yaml")
+def job_main(argv: list[str] | None, *, prog: str, description: str, kind: str, example: str,
+             overrides_help: str, load, run) -> int:
+    """The CLI of a Ray Tune job (a sweep, a comparison): one error line and exit 2 for a bad
+    config or an unreachable cluster, 130 when interrupted (run the same command to continue)."""
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description)
+    parser.add_argument("--config", required=True, help=f"{kind} YAML file, e.g. {example}")
     parser.add_argument("--address", help="auto or HOST:PORT of a running Ray cluster "
                                           "(default: the config's address; none: a local Ray)")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. num_trials=4 search.lambda_w=[1e-12,1e-10]")
+    parser.add_argument("overrides", nargs="*", help=f"key=value, e.g. {overrides_help}")
     args = parser.parse_args(argv)
     try:
-        cfg = load_sweep_config(args.config, args.overrides)
+        cfg = load(args.config, args.overrides)
         if args.address is not None:
             cfg.address = args.address
-        doc = run_sweep(cfg)
+        doc = run(cfg)
     except ConfigError as exc:
-        print(f"sweep config error: {exc}", file=sys.stderr, flush=True)
+        print(f"{kind} config error: {exc}", file=sys.stderr, flush=True)
         return 2
     except SweepError as exc:
-        print(f"sweep error: {exc}", file=sys.stderr, flush=True)
+        print(f"{kind} error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C (the first one makes Tune stop and save)
-        print("sweep interrupted; run the same command again to continue", file=sys.stderr, flush=True)
+        print(f"{kind} interrupted; run the same command again to continue", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     return EXIT_INTERRUPTED if doc["interrupted"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(argv, prog="python tuning/sweep.py", description=__doc__.splitlines()[0], kind="sweep",
+                    example="configs/sweep_demo.yaml",
+                    overrides_help="num_trials=4 search.lambda_w=[1e-12,1e-10]",
+                    load=load_sweep_config, run=run_sweep)
 
 
 if __name__ == "__main__":

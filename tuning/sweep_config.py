@@ -39,7 +39,7 @@ BUDGET_KEY = "pruning.sop_budget"
 @dataclass
 class SearchSpace:
     """What the sweep searches: each knob a log-uniform `[low, high]`; null keeps the training
-    config's value. method.md §4 ranges for lambda: CIFAR-10 5e-12..5e-11, DVS 1e-10..1e-9,
+    config's value. docs/METHOD.md §4 ranges for lambda: CIFAR-10 5e-12..5e-11, DVS 1e-10..1e-9,
     ImageNet 5e-11..2e-10."""
 
     lambda_w: Optional[Range] = None
@@ -122,7 +122,7 @@ def _range(key: str, value: Any) -> Range | None:
     return bounds[0], bounds[1]
 
 
-def _budgets(key: str, value: Any) -> list[float]:
+def parse_budgets(key: str, value: Any) -> list[float]:
     items = value if isinstance(value, (list, tuple)) else [value]
     out = [as_float(v) for v in items]
     if not out or any(v is None or v <= 0 for v in out):
@@ -131,7 +131,7 @@ def _budgets(key: str, value: Any) -> list[float]:
     return sorted(set(out))
 
 
-def _strings(key: str, value: Any) -> list[str]:
+def parse_strings(key: str, value: Any) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
@@ -139,7 +139,7 @@ def _strings(key: str, value: Any) -> list[str]:
     return list(value)
 
 
-_LIST_FIELDS = {Optional[Range]: _range, list[float]: _budgets, list[str]: _strings}
+_LIST_FIELDS = {Optional[Range]: _range, list[float]: parse_budgets, list[str]: parse_strings}
 
 
 # --------------------------------------------------------------------------- public API
