@@ -124,27 +124,20 @@ def start_from_magnitude(ctx: Ctx, dense_dir: Path) -> None:
     calibration budget mode uses), and the subnetwork is hardened and fine-tuned as any other."""
     net = ctx.net
     dense = safe_load(dense_dir / "best_model.pt", map_location=ctx.device)
-    logit_names = {n for n, p in net.named_parameters() if any(p is q for q in mask_logits(net))}
+    layers = [(n, m) for n, m in weight_layers(net) if m.logits is not None]
     own = net.state_dict()
-    if set(dense) != set(own) - logit_names:
+    if set(dense) != set(own) - {f"{n}.logits" for n, _ in layers}:
         raise ConfigError(f"pruning.magnitude_from: {dense_dir}/best_model.pt is not a dense network of "
                           f"this model (another model, width or a pruned run?)")
     params = dict(net.named_parameters())
     with torch.no_grad():
-        for name, value in dense.items():
-            if name in params:
-                continue
-            own[name].copy_(value)  # buffers: BatchNorm running statistics
-    weights = [n for n in params if n not in logit_names]
-    values = [dense[n].to(params[n].dtype) for n in weights]
-    layers = [m for _, m in weight_layers(net) if m.logits is not None]
-    overwrite_params([params[n] for n in weights] + [m.logits for m in layers],
-                     values + [dense[prefix_of(net, m) + "weight"].abs().to(m.logits.dtype) for m in layers])
+        for name in dense.keys() - params.keys():
+            own[name].copy_(dense[name])  # buffers: BatchNorm running statistics
+    weights = [n for n in dense if n in params]
+    overwrite_params([params[n] for n in weights] + [m.logits for _, m in layers],
+                     [dense[n].to(params[n].dtype) for n in weights]
+                     + [dense[f"{n}.weight"].abs().to(m.logits.dtype) for n, m in layers])
     harden_subnetwork(ctx)
-
-
-def prefix_of(net: torch.nn.Module, module: torch.nn.Module) -> str:
-    return next(f"{n}." for n, m in net.named_modules() if m is module)
 
 
 @torch.no_grad()
