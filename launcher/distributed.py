@@ -200,6 +200,7 @@ def setup_distributed(local_rank: int | None = None) -> DistInfo:
     if _INFO is not None and dist.is_initialized():
         return _INFO
     launcher, rank, world, lrank, lworld, addr, port = discover(local_rank)
+    own_port = launcher == "single" and "MASTER_PORT" not in os.environ
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(lrank),
                       LOCAL_WORLD_SIZE=str(lworld), MASTER_ADDR=addr, MASTER_PORT=str(port))
     if torch.cuda.is_available():
@@ -216,9 +217,19 @@ def setup_distributed(local_rank: int | None = None) -> DistInfo:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     import deepspeed  # slow import (~2 s); only needed from here on
 
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   distributed_port=port, verbose=False)
+    # A port we picked ourselves can be taken by another process between _free_port closing
+    # it and the store binding it (seen in CI beside Ray and slurmd): pick again.
+    for attempt in range(5 if own_port else 1):
+        if dist.is_initialized():
+            break
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                       distributed_port=port, verbose=False)
+        except dist.DistNetworkError:
+            if not own_port or attempt == 4:
+                raise
+            port = _free_port()
+            os.environ["MASTER_PORT"] = str(port)
     _INFO = DistInfo(rank=rank, world_size=world, local_rank=lrank, local_world_size=lworld,
                      master_addr=addr, master_port=port, device=device, backend=backend,
                      launcher=launcher)

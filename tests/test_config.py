@@ -4,6 +4,8 @@ launch-environment discovery (torchrun / deepspeed / SLURM variables)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -276,3 +278,26 @@ def test_discover_batch_script_is_single_process(clean_env):
     with pytest.warns(UserWarning, match="srun"):
         launcher, rank, world, *_ = discover()
     assert (launcher, rank, world) == ("single", 0, 1)
+
+
+def test_single_process_picks_another_port_when_its_own_is_taken(clean_env, tmp_path):
+    """The port _free_port chose is taken before the store binds it (the CI race): a fresh
+    process, a real listening socket on that port, a real gloo group on the next one."""
+    script = tmp_path / "taken_port.py"
+    script.write_text(
+        "import socket, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "import torch.distributed as dist\n"
+        "from launcher import distributed\n"
+        "held = socket.socket(); held.bind(('127.0.0.1', 0)); held.listen()\n"
+        "taken = held.getsockname()[1]\n"
+        "ports = iter([taken])\n"
+        "real = distributed._free_port\n"
+        "distributed._free_port = lambda: next(ports, None) or real()\n"
+        "info = distributed.setup_distributed()\n"
+        "assert dist.is_initialized() and info.master_port != taken, (info, taken)\n"
+        "distributed.cleanup()\n"
+        "print('ok', taken, info.master_port)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("ok ")
