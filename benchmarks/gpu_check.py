@@ -515,7 +515,7 @@ def _decisions(net) -> dict[str, torch.Tensor]:
 
 
 def check_bf16_decisions(c: Check, ctx: Ctx, budget: Budget) -> None:
-    from model.energy import measure_energy
+    from model.energy_count import measure_energy
     from model.masks import NeuronMask, masked_modules
 
     sz = ctx.sizes
@@ -570,7 +570,7 @@ def check_bf16_decisions(c: Check, ctx: Ctx, budget: Budget) -> None:
 def _measured(net, x: torch.Tensor, device: torch.device):
     """measure_energy of net on x, plus the total input of every counted layer (float64): if
     two devices' counts differ, equal inputs point at the counter, unequal at the forward."""
-    from model.energy import measure_energy
+    from model.energy_count import measure_energy
     from model.masks import weight_layers
 
     inputs: dict[str, float] = {}

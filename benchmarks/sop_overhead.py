@@ -21,7 +21,7 @@ import time
 import torch
 
 from model import build_model
-from model.energy import SOPCounter
+from model.energy_count import SOPCounter
 from model.masks import mask_logits, set_mask_mode
 
 EVAL_SET = 10_000

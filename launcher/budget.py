@@ -28,7 +28,7 @@ import torch
 
 from launcher.distributed import reduce_scalars
 from launcher.ds_config import overwrite_params
-from model.energy import measure_energy
+from model.energy_count import measure_energy
 from model.masks import mask_logits
 
 

@@ -36,7 +36,7 @@ from launcher.progress import Progress
 from launcher.reports import mask_histogram_png
 from launcher.tracking import Tracker, resolve_tracking_uri
 from model import build_model
-from model.energy import measure_energy
+from model.energy_count import measure_energy
 from model.masks import (MaskError, beta_at, mask_logits, save_masks, set_beta, set_mask_mode,
                          weight_layers, weight_params)
 from model.penalty import energy_penalty, penalty_terms

@@ -15,7 +15,8 @@ import sys
 
 import torch.nn as nn
 
-from model.energy import aligned, layer_kind
+from model.energy_count import layer_kind
+from model.energy_report import aligned
 from model.masks import MaskedConv2d, NeuronMask, masked_modules, set_mask_mode, weight_layers
 from model.penalty import penalty_terms
 from model.registry import MODELS, build_model

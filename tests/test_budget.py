@@ -11,7 +11,7 @@ import torch
 
 from launcher.budget import BudgetController
 from model import build_model
-from model.energy import measure_energy
+from model.energy_count import measure_energy
 from model.masks import keep_ratios, mask_logits, set_mask_mode
 
 

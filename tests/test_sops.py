@@ -1,4 +1,4 @@
-"""The convolution-based SOP count (model.energy) against an independent event-driven count.
+"""The convolution-based SOP count (model.energy_count) against an independent event-driven count.
 
 The event-driven count scatters every nonzero input value along its kept outgoing synapses
 into kept post-neurons, one event at a time, straight from the logits; it shares no code
@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from model import build_model
-from model.energy import (EnergyReport, LayerReport, SOPCounter, fanout_map, measure_energy)
+from model.energy_count import SOPCounter, fanout_map, measure_energy
+from model.energy_report import EnergyReport, LayerReport
 from model.layers import ConvBNSpike, LinearSpike
 from model.masks import MaskedConv2d, MaskedLinear, MaskError, mask_logits, set_mask_mode
 

@@ -219,7 +219,7 @@ def _fmt(stat: dict | None, spec: str, scale: float = 1.0) -> str:
 
 def table(summary: dict) -> str:
     """method x budget, mean [min, max] over seeds; all on the full test split."""
-    from model.energy import aligned
+    from model.energy_report import aligned
 
     head = ["method", "budget", "seeds", "test top-1 %", "SOPs/sample", "off budget %", "x fewer SOPs",
             "connectivity %", "weight keep %", "neuron keep %", "test samples"]

@@ -1,0 +1,1 @@
+"""After training: a finished run directory in, a deployable network out (docs/DEPLOY.md)."""

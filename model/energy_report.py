@@ -1,0 +1,219 @@
+"""The energy report (docs/METHOD.md §5): per-layer rows of one measured eval pass, their
+totals in SOPs, first-layer MACs and pJ, and the report as JSON, a terminal table and a plot.
+The counting that fills it is model/energy_count.py."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+PJ_PER_SOP = 0.9   # 45 nm accumulate (docs/METHOD.md §5)
+PJ_PER_MAC = 4.6   # 45 nm multiply-accumulate, first layer only
+REPORT_NAME = "energy_report.json"
+
+
+@dataclass
+class LayerReport:
+    """One weight layer. Connections are per time step and sample (padding excluded);
+    neurons are the layer's post-neurons (its block's neuron mask, or its output features)."""
+
+    name: str
+    kind: str
+    counted: bool
+    sops_per_sample: float
+    macs_per_sample: float
+    firing_rate: float | None
+    kept_weights: int
+    total_weights: int
+    kept_neurons: int
+    total_neurons: int
+    live_connections: float
+    dense_connections: float
+
+
+@dataclass
+class EnergyReport:
+    """Per-layer rows and totals of one measured eval pass; totals are derived from the rows
+    so that changing `pj_per_sop` / `pj_per_mac` re-prices the same measurement."""
+
+    layers: list[LayerReport]
+    samples: int
+    weight_keep: float
+    neuron_keep: float
+    dense_reference_sops: float | None = None
+    pj_per_sop: float = PJ_PER_SOP
+    pj_per_mac: float = PJ_PER_MAC
+
+    @property
+    def sops_per_sample(self) -> float:
+        return sum(r.sops_per_sample for r in self.layers)
+
+    @property
+    def first_layer_macs_per_sample(self) -> float:
+        return sum(r.macs_per_sample for r in self.layers)
+
+    @property
+    def sop_energy_pj_per_sample(self) -> float:
+        return self.pj_per_sop * self.sops_per_sample
+
+    @property
+    def energy_pj_per_sample(self) -> float:
+        return self.sop_energy_pj_per_sample + self.pj_per_mac * self.first_layer_macs_per_sample
+
+    @property
+    def energy_ratio(self) -> float | None:
+        """Dense reference SOPs / ours; None without a reference or when we spend no SOPs."""
+        if self.dense_reference_sops is None or self.sops_per_sample == 0:
+            return None
+        return self.dense_reference_sops / self.sops_per_sample
+
+    @property
+    def connectivity(self) -> float:
+        dense = sum(r.dense_connections for r in self.layers)
+        return sum(r.live_connections for r in self.layers) / dense if dense else 1.0
+
+    @property
+    def connectivity_pct(self) -> float:
+        return 100.0 * self.connectivity
+
+    def totals(self) -> dict[str, float | int | None]:
+        return {
+            "samples": self.samples,
+            "sops_per_sample": self.sops_per_sample,
+            "first_layer_macs_per_sample": self.first_layer_macs_per_sample,
+            "sop_energy_pj_per_sample": self.sop_energy_pj_per_sample,
+            "energy_pj_per_sample": self.energy_pj_per_sample,
+            "dense_reference_sops": self.dense_reference_sops,
+            "energy_ratio": self.energy_ratio,
+            "connectivity": self.connectivity,
+            "connectivity_pct": self.connectivity_pct,
+            "weight_keep": self.weight_keep,
+            "neuron_keep": self.neuron_keep,
+            "pj_per_sop": self.pj_per_sop,
+            "pj_per_mac": self.pj_per_mac,
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for MLflow: the totals plus per-layer SOPs and firing rates."""
+        out = {k: float(v) for k, v in self.totals().items() if v is not None}
+        for r in self.layers:
+            if r.counted:
+                out[f"sops_per_sample/{r.name}"] = r.sops_per_sample
+            if r.firing_rate is not None:
+                out[f"firing_rate/{r.name}"] = r.firing_rate
+        return out
+
+    def to_json(self, path: str | os.PathLike) -> str:
+        """Write the report (a directory gets `energy_report.json`) atomically; return the path."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, REPORT_NAME)
+        doc = {**self.totals(), "layers": [asdict(r) for r in self.layers]}
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> EnergyReport:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, REPORT_NAME)
+        with open(path) as f:
+            doc = json.load(f)
+        names = {f.name for f in fields(cls)} - {"layers"}
+        return cls(layers=[LayerReport(**r) for r in doc["layers"]],
+                   **{k: v for k, v in doc.items() if k in names})
+
+    def table(self) -> str:
+        """The report as an aligned terminal table with a totals line and a summary."""
+        head = ["layer", "kind", "SOPs/sample", "MACs/sample", "rate", "weights kept",
+                "neurons kept", "connections live/dense"]
+        rows = [[r.name, r.kind + ("" if r.counted else "*"), _si(r.sops_per_sample),
+                 _si(r.macs_per_sample) if r.macs_per_sample else "-",
+                 "-" if r.firing_rate is None else f"{r.firing_rate:.4f}",
+                 _kept(r.kept_weights, r.total_weights), _kept(r.kept_neurons, r.total_neurons),
+                 f"{_si(r.live_connections)}/{_si(r.dense_connections)}"] for r in self.layers]
+
+        def sum_of(attr: str) -> float:
+            return sum(getattr(r, attr) for r in self.layers)
+        rows.append(["total", "", _si(self.sops_per_sample), _si(self.first_layer_macs_per_sample), "",
+                     _kept(sum_of("kept_weights"), sum_of("total_weights")),
+                     _kept(sum_of("kept_neurons"), sum_of("total_neurons")),
+                     f"{_si(sum_of('live_connections'))}/{_si(sum_of('dense_connections'))}"])
+        lines = aligned(head, rows)
+        lines[-1:-1] = [lines[1]]  # a rule above the totals line
+        lines.append("")
+        lines.append(f"energy/sample {_si(self.energy_pj_per_sample)}pJ = "
+                     f"{_si(self.sops_per_sample)} SOPs x {self.pj_per_sop} pJ + "
+                     f"{_si(self.first_layer_macs_per_sample)} first-layer MACs x {self.pj_per_mac} pJ")
+        lines.append(f"connectivity {self.connectivity_pct:.4g} %  weight keep "
+                     f"{100 * self.weight_keep:.4g} %  neuron keep {100 * self.neuron_keep:.4g} %  "
+                     f"samples {self.samples}")
+        if self.energy_ratio is not None:
+            lines.append(f"dense reference {_si(self.dense_reference_sops)} SOPs/sample: "
+                         f"{self.energy_ratio:.3g}x fewer SOPs")
+        lines.append("* not counted in SOPs (first layer: MACs; head: neither)")
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike) -> str:
+        """Per-layer bar chart (PNG): SOPs per sample, and kept weights / neurons in %."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        names = [r.name for r in self.layers]
+        x = list(range(len(names)))
+        fig = Figure(figsize=(max(8.0, 0.4 * len(names) + 2), 7.5))
+        FigureCanvasAgg(fig)
+        top, bottom = fig.subplots(2, 1, sharex=True)
+        top.bar(x, [r.sops_per_sample for r in self.layers], color="tab:blue", label="SOPs / sample")
+        if self.first_layer_macs_per_sample:
+            top.bar(x, [r.macs_per_sample for r in self.layers], color="tab:red",
+                    label="first-layer MACs / sample")
+        top.set_ylabel("operations / sample")
+        top.set_title(f"{_si(self.sops_per_sample)} SOPs/sample, {_si(self.energy_pj_per_sample)}pJ/sample, "
+                      f"connectivity {self.connectivity_pct:.3g} %")
+        top.legend(fontsize=8)
+        width = 0.4
+        bottom.bar([i - width / 2 for i in x], [_pct(r.kept_weights, r.total_weights) for r in self.layers],
+                   width, color="tab:green", label="weights kept")
+        bottom.bar([i + width / 2 for i in x], [_pct(r.kept_neurons, r.total_neurons) for r in self.layers],
+                   width, color="tab:orange", label="neurons kept")
+        bottom.set_ylim(0, 105)
+        bottom.set_ylabel("kept (%)")
+        bottom.legend(fontsize=8)
+        bottom.set_xticks(x)
+        bottom.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        fig.tight_layout()
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+        return path
+
+
+def aligned(head: list[str], rows: list[list[str]], left: int = 2) -> list[str]:
+    """Lines of a text table: header, rule, rows; the first `left` columns left-aligned."""
+    widths = [max(len(c) for c in col) for col in zip(head, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return [line(head), "-" * len(line(head)), *map(line, rows)]
+
+
+def _si(x: float) -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.4g}{suffix}"
+    return f"{x:.4g}"
+
+
+def _pct(kept: int, total: int) -> float:
+    return 100.0 * kept / total if total else 100.0
+
+
+def _kept(kept: int, total: int) -> str:
+    return f"{kept}/{total} ({_pct(kept, total):.3g}%)"
