@@ -24,8 +24,9 @@ PIP=(.venv/bin/python -m pip install -q -c constraints.txt)
 "${PIP[@]}" torch==2.13.0 numpy
 if [[ "${1:-}" == "--test" ]]; then
   DS_BUILD_OPS=0 "${PIP[@]}" -e '.[test]'
-  # SpikingJelly is a test-only reference; its declared deps pull a CUDA torch.
-  "${PIP[@]}" --no-deps spikingjelly==2.0.0
+  # SpikingJelly is a test-only reference; its declared deps pull a CUDA torch, so it goes
+  # in alone, with the one dependency its neuron modules import (loguru).
+  "${PIP[@]}" --no-deps spikingjelly==2.0.0 loguru
 else
   DS_BUILD_OPS=0 "${PIP[@]}" -e .
 fi

@@ -386,7 +386,8 @@ class SearchRun:
 
     def __init__(self, ctx: Ctx, engine: str, precision: str, batch: int, seed: int = 0):
         from launcher.config import load_config
-        from launcher.ds_config import build_ds_config, build_optimizer
+        from launcher.ds_config import build_ds_config
+        from launcher.optimizer import build_optimizer
         from model import build_model
         from model.masks import mask_logits, set_beta, set_mask_mode, weight_params
         from model.penalty import penalty_terms
@@ -650,10 +651,9 @@ def table(rows: list[tuple[str, str, str, str]]) -> str:
 def write_json(path: str | None, doc: dict) -> None:
     if not path:
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(doc) + "\n")
-    os.replace(tmp, path)
+    from model.atomic import atomic_write
+
+    atomic_write(path, json.dumps(doc) + "\n")
 
 
 def environment(device: torch.device) -> dict:

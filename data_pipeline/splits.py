@@ -16,6 +16,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from data_pipeline import DataError
+from model.atomic import atomic_path, atomic_write
 
 SPLITS = ("train", "val", "test")
 
@@ -57,21 +58,13 @@ def atomic_beton(out_path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """
     out_path = Path(out_path)
     refuse_existing([out_path], overwrite)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out_path) as tmp:
         yield tmp
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON via a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 class _Guarded:

@@ -27,7 +27,7 @@ import math
 import torch
 
 from launcher.distributed import reduce_scalars
-from launcher.ds_config import overwrite_params
+from launcher.optimizer import overwrite_params
 from model.energy_count import measure_energy
 from model.masks import mask_logits
 

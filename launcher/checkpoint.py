@@ -1,4 +1,4 @@
-"""Crash-safe DeepSpeed checkpoints, resume discovery and preemption signals.
+"""Crash-safe DeepSpeed checkpoints and resume discovery (signals: launcher/preemption.py).
 
 Layout under `<run_dir>/checkpoints/`:
 
@@ -28,8 +28,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,17 +43,12 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from launcher.config import Config, to_dict
+from model.atomic import atomic_torch_save, atomic_write, fsync_path
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
 CLIENT_KEY = "spikeprune"
 _AUTO_TAG = re.compile(r"^step(\d+)$")
-
-# Exit codes after a signal-triggered save. 75 (EX_TEMPFAIL) tells a requeue wrapper to start
-# the job again; 143 is what a shell reports for a process ended by SIGTERM (128 + 15).
-EXIT_REQUEUE = 75
-EXIT_TERMINATED = 143
-_EXIT_CODES = {signal.SIGUSR1: EXIT_REQUEUE, signal.SIGTERM: EXIT_TERMINATED}
 
 
 class CheckpointError(RuntimeError):
@@ -94,52 +87,8 @@ class Checkpoint:
     world_size: int
 
 
-# --------------------------------------------------------------------------- atomic files
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via `write(fileobj)` to a temp file beside `path`, fsync, rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save that leaves either the old file or the complete new one, never a torn one."""
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
-
-
 def register_safe_globals() -> None:
-    """Allow-list the DeepSpeed classes that ZeRO optimizer shards pickle (stack.md)."""
+    """Allow-list the DeepSpeed classes that ZeRO optimizer shards pickle (docs/STACK.md)."""
     torch.serialization.add_safe_globals([LossScaler, ZeroStageEnum, fragment_address])
 
 
@@ -346,25 +295,25 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, state: TrainState, cfg: 
     _use_weights_only_loader(engine)
     client = {CLIENT_KEY: {"train_state": dataclasses.asdict(state), "config": to_dict(cfg)}}
     engine.save_checkpoint(str(root), tag=partial.name, client_state=client, save_latest=False)
-    atomic_torch_save(capture_rng(), partial / _rng_file(rank))
+    atomic_torch_save(capture_rng(), partial / _rng_file(rank), fsync=True)
     # Each rank makes what it sees durable (its own shards included) before the marker.
     for f in partial.iterdir():
         if f.is_file():
-            _fsync_file(f)
+            fsync_path(f)
     _barrier()
     if rank == 0:
         files = {f.name: f.stat().st_size for f in sorted(partial.iterdir())
                  if f.is_file() and f.name != MARKER and not f.name.startswith(".")}
         marker = {"tag": tag, "world_size": world, "saved_at": time.time(),
                   "state": dataclasses.asdict(state), "config": to_dict(cfg), "files": files}
-        atomic_write_text(partial / MARKER, json.dumps(marker, indent=1))
+        atomic_write(partial / MARKER, json.dumps(marker, indent=1), fsync=True)
         if final.exists():
             if old.exists():
                 _remove_tag(old)
             os.rename(final, old)
         os.rename(partial, final)
-        _fsync_dir(root)
-        atomic_write_text(root / LATEST, tag)
+        fsync_path(root)
+        atomic_write(root / LATEST, tag, fsync=True)
         if old.exists():
             _remove_tag(old)
         _prune(root, keep_last, current=tag)
@@ -397,63 +346,3 @@ def load_checkpoint(engine, ckpt: Checkpoint, *, load_optimizer_states: bool = T
         warnings.warn(f"checkpoint {ckpt.path} was saved by {ckpt.world_size} ranks, resuming "
                       f"with {world}: RNG states not restored", stacklevel=2)
     return TrainState(**client[CLIENT_KEY]["train_state"])
-
-
-# --------------------------------------------------------------------------- preemption
-
-class PreemptionHandler:
-    """SIGTERM / SIGUSR1 -> a flag the loop polls; every rank then saves and exits together.
-
-    SLURM sends these before preemption or the time limit (`--signal=USR1@90`), torchrun
-    forwards SIGTERM to its workers. The handler only records the signal: saving from inside
-    a signal handler could interrupt a collective half-way. Poll `should_stop()` once per
-    optimizer step on every rank; it is a collective (MAX over ranks) so no rank is left
-    waiting in the next all-reduce. Then save and `sys.exit(handler.exit_code)`.
-
-        with PreemptionHandler() as stop:
-            for batch in loader:
-                ...step...
-                if stop.should_stop():
-                    save_checkpoint(...); sys.exit(stop.exit_code)
-    """
-
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)):
-        self.signals = signals
-        self.received: int = 0  # local: last signal number seen by this process, 0 if none
-        self.agreed: int = 0  # after should_stop(): the signal every rank acts on
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = max(self.received, signum)
-
-    def install(self) -> "PreemptionHandler":
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for s, prev in self._previous.items():
-            signal.signal(s, prev)
-        self._previous.clear()
-
-    def __enter__(self) -> "PreemptionHandler":
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.uninstall()
-
-    def should_stop(self) -> bool:
-        """True on every rank if any rank got a signal (collective; call on all ranks)."""
-        flag = self.received
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            t = torch.tensor([flag], dtype=torch.int64, device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = int(t.item())
-        self.agreed = flag
-        return flag != 0
-
-    @property
-    def exit_code(self) -> int:
-        """EXIT_REQUEUE after SIGUSR1, EXIT_TERMINATED after SIGTERM (SIGTERM wins a tie)."""
-        return _EXIT_CODES.get(signal.Signals(self.agreed), 128 + self.agreed) if self.agreed else 0

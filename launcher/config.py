@@ -16,13 +16,14 @@ import difflib
 import math
 import os
 import sys
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
+
+from model.atomic import atomic_write
 
 
 class ConfigError(ValueError):
@@ -376,19 +377,8 @@ def config_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML, atomically (temp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(config_yaml(cfg))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the resolved config as YAML, atomically and durably (it names the run)."""
+    atomic_write(path, config_yaml(cfg), fsync=True)
 
 
 def print_config_main(argv: list[str] | None, load: Callable[[str | None, list[str]], Any],

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from model.atomic import atomic_write  # noqa: E402
 from model.masks import NeuronMask, masked_modules  # noqa: E402
 
 
@@ -33,7 +34,5 @@ def mask_histogram_png(net: torch.nn.Module, path: str | os.PathLike) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("logit (clipped to +-0.2)")
     fig.tight_layout()
-    tmp = f"{os.fspath(path)}.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)

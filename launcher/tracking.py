@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from launcher.config import TrackingConfig
+from model.atomic import atomic_write
 
 PENDING_FILE = "mlflow_pending.jsonl"
 RUN_ID_FILE = "mlflow_run_id"
@@ -135,12 +136,6 @@ def file_digest(path: Path) -> tuple[str, str]:
     return h.hexdigest()[:32], "sha256 of size + head, middle, tail (16 MiB each)"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class _Uploader:
     """Replays the pending JSONL file into an MLflow store; shared by Tracker and the CLI."""
 
@@ -184,7 +179,7 @@ class _Uploader:
             exp_id = _experiment_id(client, self.uri, header["experiment"])
             run = client.create_run(exp_id, run_name=header.get("run_name"), tags=tags)
             self.run_id = run.info.run_id
-            _write_text_atomic(self.run_file, self.run_id)
+            atomic_write(self.run_file, self.run_id)
         else:
             try:
                 run = client.get_run(self.run_id)
@@ -274,7 +269,7 @@ class _Uploader:
                 warnings.warn(f"MLflow rejected a {kind} record and it is dropped: {exc}",
                               stacklevel=2)
         send_metrics()
-        _write_text_atomic(self.pending, "")
+        atomic_write(self.pending, "")
         return len(records)
 
 
@@ -302,7 +297,7 @@ class Tracker:
         self._end_torn_line()
         if run_id is not None:
             self._up.run_id = run_id
-            _write_text_atomic(self._up.run_file, run_id)
+            atomic_write(self._up.run_file, run_id)
         resuming = self._up.run_id is not None or any(
             r["type"] == "run" for r in self._up.read_records())
         if resuming:

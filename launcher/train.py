@@ -27,19 +27,23 @@ import torch
 from data_pipeline import DataError
 from data_pipeline.loaders import make_loaders
 from launcher.budget import BudgetController
-from launcher.checkpoint import (CheckpointError, PreemptionHandler, TrainState, atomic_torch_save,
-                                 find_resumable, load_checkpoint, safe_load, save_checkpoint)
+from launcher.checkpoint import (CheckpointError, TrainState, find_resumable, load_checkpoint, safe_load,
+                                 save_checkpoint)
 from launcher.config import Config, ConfigError, flatten, load_config, save_config
 from launcher.distributed import barrier, is_primary, reduce_scalars, setup_distributed
-from launcher.ds_config import build_ds_config, build_optimizer, freeze, lr_at, overwrite_params, set_lr
+from launcher.ds_config import build_ds_config
+from launcher.optimizer import build_optimizer, freeze, overwrite_params, set_lr
+from launcher.preemption import PreemptionHandler
 from launcher.progress import Progress
 from launcher.reports import mask_histogram_png
 from launcher.tracking import Tracker, resolve_tracking_uri
 from model import build_model
+from model.atomic import atomic_torch_save
 from model.energy_count import measure_energy
-from model.masks import (MaskError, beta_at, mask_logits, save_masks, set_beta, set_mask_mode,
-                         weight_layers, weight_params)
+from model.masks import (MaskError, mask_logits, save_masks, set_beta, set_mask_mode, weight_layers,
+                         weight_params)
 from model.penalty import energy_penalty, penalty_terms
+from model.schedules import beta_at, lr_at
 
 
 class Preempted(Exception):
@@ -323,7 +327,7 @@ def run_phase(ctx: Ctx, phase: str) -> None:
         if phase == "finetune" and (state.best_val_top1 is None or metrics["val_top1"] > state.best_val_top1):
             state.best_val_top1, state.best_epoch = metrics["val_top1"], state.epoch
             if is_primary():
-                atomic_torch_save(ctx.net.state_dict(), best_path)
+                atomic_torch_save(ctx.net.state_dict(), best_path, fsync=True)
         epoch, state.epoch, state.batch_in_epoch = state.epoch, state.epoch + 1, 0
         state.extra["loader_epoch"] = state.extra.get("loader_epoch", 0) + 1
         save(ctx)
@@ -380,7 +384,7 @@ def final_report(ctx: Ctx) -> dict:
     if best_path.exists():
         ctx.net.load_state_dict(safe_load(best_path, map_location=ctx.device))
     elif is_primary():  # no fine-tuning to select from: the reported model is the last one
-        atomic_torch_save(ctx.net.state_dict(), best_path)
+        atomic_torch_save(ctx.net.state_dict(), best_path, fsync=True)
     mode = "hard" if cfg.pruning.enabled else "off"
     if cfg.pruning.enabled:
         write_mask_artifacts(ctx)

@@ -8,6 +8,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 
+from model.atomic import atomic_write
+
 PJ_PER_SOP = 0.9   # 45 nm accumulate (docs/METHOD.md §5)
 PJ_PER_MAC = 4.6   # 45 nm multiply-accumulate, first layer only
 REPORT_NAME = "energy_report.json"
@@ -110,11 +112,7 @@ class EnergyReport:
         if os.path.isdir(path):
             path = os.path.join(path, REPORT_NAME)
         doc = {**self.totals(), "layers": [asdict(r) for r in self.layers]}
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(doc, indent=2) + "\n")
         return path
 
     @classmethod
@@ -189,9 +187,7 @@ class EnergyReport:
         bottom.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
         fig.tight_layout()
         path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
         return path
 
 

@@ -5,7 +5,7 @@ Every mask is a logit tensor alpha, initialised at 0. Three modes:
 - "hard": gate = (alpha > 0) (subnetwork; alpha frozen, removed entries get no gradient),
 - "off":  gate = 1 (dense evaluation of the same network, used for the dense reference).
 beta is a plain float pushed into every masked module by `set_beta`; it is a pure function
-of the optimizer step (`beta_at`), so resuming needs only the step.
+of the optimizer step (`model.schedules.beta_at`), so resuming needs only the step.
 """
 
 from __future__ import annotations
@@ -21,19 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.atomic import atomic_write
+
 MODES = ("soft", "hard", "off")
 
 
 class MaskError(ValueError):
     """A mask file or mask operation that does not fit the network."""
-
-
-def beta_at(step: int, total_steps: int, beta_0: float = 5.0, beta_T: float = 1000.0) -> float:
-    """Mask temperature at optimizer step `step` of `total_steps`: beta_0 (beta_T/beta_0)^(k/K)."""
-    if total_steps <= 0:
-        return beta_T
-    frac = min(max(step / total_steps, 0.0), 1.0)
-    return beta_0 * (beta_T / beta_0) ** frac
 
 
 class _Gate(nn.Module):
@@ -201,9 +195,11 @@ def save_masks(net: nn.Module, path: str | os.PathLike, model_name: str) -> None
 
     Shipping a subnetwork needs only these bits and the weights: 1 bit per weight.
     """
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    atomic_write(path, lambda f: _write_mask_zip(f, net, model_name))
+
+
+def _write_mask_zip(f, net: nn.Module, model_name: str) -> None:
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("model_name", model_name)
         for name, m in masked_modules(net):
             if m.logits is None:
@@ -213,7 +209,6 @@ def save_masks(net: nn.Module, path: str | os.PathLike, model_name: str) -> None
             np.save(buf, bits, allow_pickle=False)
             zf.writestr(f"{name}.bits.npy", buf.getvalue())
             zf.writestr(f"{name}.shape", ",".join(map(str, m.logits.shape)))
-    os.replace(tmp, path)
 
 
 def load_masks(net: nn.Module, path: str | os.PathLike, model_name: str) -> None:

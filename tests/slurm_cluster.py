@@ -5,7 +5,7 @@ slurmd (`slurmd -N nodeX`, distinct ports), every file under one temp folder.
         job = cluster.sbatch("slurm/cifar10.sh", "--nodes=1")
         cluster.wait_for(job, {"COMPLETED"})
 
-Settings are the ones that work without cgroups or systemd (../shared/stack.md, SLURM).
+Settings are the ones that work without cgroups or systemd (docs/STACK.md, SLURM).
 Every daemon runs in the foreground as our child, so it is stopped by its own PID. Jobs are
 cancelled first; whatever is left of them (slurmstepd daemonizes) is found as the slurmstepd
 processes carrying our unique SLURM_CONF path, plus their descendants, and killed by PID.

@@ -15,13 +15,15 @@ import signal
 import pytest
 import torch
 
-from launcher.checkpoint import (EXIT_REQUEUE, EXIT_TERMINATED, LATEST, MARKER, Checkpoint,
-                                 CheckpointError, PreemptionHandler, TrainState, atomic_torch_save, capture_rng,
+from launcher.checkpoint import (LATEST, MARKER, Checkpoint, CheckpointError, TrainState, capture_rng,
                                  find_resumable, load_checkpoint, open_checkpoint, restore_rng,
                                  safe_load, save_checkpoint)
 from launcher.config import load_config
 from launcher.distributed import setup_distributed
-from launcher.ds_config import build_ds_config, build_optimizer, freeze, overwrite_params
+from launcher.ds_config import build_ds_config
+from launcher.optimizer import build_optimizer, freeze, overwrite_params
+from launcher.preemption import EXIT_REQUEUE, EXIT_TERMINATED, PreemptionHandler
+from model.atomic import atomic_torch_save
 
 deepspeed = pytest.importorskip("deepspeed")
 

@@ -14,8 +14,9 @@ import torch
 from launcher.config import (Config, ConfigError, flatten, from_dict, load_config, main,
                              save_config, to_dict)
 from launcher.distributed import discover, expand_hostlist, tasks_on_node
-from launcher.ds_config import (MaskWeightOptimizer, build_ds_config, build_optimizer, freeze,
-                                get_lr, lr_at, resolve_precision, set_lr)
+from launcher.ds_config import build_ds_config, resolve_precision
+from launcher.optimizer import MaskWeightOptimizer, build_optimizer, freeze, get_lr, set_lr
+from model.schedules import lr_at
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

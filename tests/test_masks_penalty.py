@@ -12,9 +12,10 @@ from model import build_model
 from model.base import SpikingNet, sequential_consumers
 from model.layers import ConvBNSpike, LinearSpike, SeqPool, StaticConvBNSpike
 from model.sew_resnet import _SEWBlock
-from model.masks import (MaskedConv2d, MaskedLinear, NeuronMask, beta_at, harden, mask_logits,
-                         set_mask_mode, weight_params)
+from model.masks import (MaskedConv2d, MaskedLinear, NeuronMask, harden, mask_logits, set_mask_mode,
+                         weight_params)
 from model.penalty import energy_penalty, penalty_terms
+from model.schedules import beta_at
 from model.structure import connectivity
 
 

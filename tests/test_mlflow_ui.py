@@ -97,7 +97,7 @@ def test_run_and_report_through_the_ui_server(mlflow_ui, tmp_path):
 
 
 def chromium(tmp_path: Path, *args: str) -> str:
-    """Headless Debian chromium (flags of shared/stack.md) with a throw-away profile; its stdout."""
+    """Headless Debian chromium (docs/STACK.md, MLflow) with a throw-away profile; its stdout."""
     proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                            "--no-first-run", "--disable-background-networking", "--disable-component-update",
                            "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-profile'}",

@@ -27,7 +27,8 @@ from mlflow import MlflowClient
 
 from helpers_train import (N_TEST, N_TRAIN, N_VAL, REPO, TINY_CONFIG, clean_env, latest_checkpoint, masks_of, max_abs_diff, module_state,
                            overrides, reference_run, run_train, sqlite_uri, tiny_data, train_cmd)
-from launcher.checkpoint import EXIT_REQUEUE, EXIT_TERMINATED, MARKER, safe_load
+from launcher.checkpoint import MARKER, safe_load
+from launcher.preemption import EXIT_REQUEUE, EXIT_TERMINATED
 
 STEPS = 12  # optimizer steps of configs/test_tiny.yaml: 6 search + 6 fine-tune
 METRICS = ("train_loss", "penalty", "beta", "val_top1", "val_top1_hard", "weight_keep", "neuron_keep",
@@ -276,7 +277,7 @@ def test_bad_inputs_end_with_one_error_line(reference, data_dir, tmp_path):
 def test_mask_lr_follows_the_schedule_in_the_search_then_freezes(data_dir, tmp_path):
     """With a cosine schedule both optimizers decay over the search (as the reference's), the
     weights' LR restarts at finetune_lr for fine-tuning, and the hardened masks never move."""
-    from launcher.ds_config import lr_at
+    from model.schedules import lr_at
 
     store = sqlite_uri(tmp_path / "mlruns.db")
     run_dir = tmp_path / "run"

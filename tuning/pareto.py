@@ -12,8 +12,9 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal, Optional
+
+from model.atomic import atomic_write
 
 Status = Literal["finished", "early_stopped", "error", "unfinished"]
 
@@ -172,10 +173,8 @@ def plot(path: str | os.PathLike, trials: list[TrialOutcome], answers: list[Budg
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -193,7 +192,4 @@ def summary(trials: list[TrialOutcome], answers: list[BudgetAnswer]) -> dict:
 
 
 def write_json(path: str | os.PathLike, doc: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(doc, indent=1) + "\n")

@@ -52,6 +52,7 @@ from ray.tune.utils import flatten_dict
 
 from launcher.config import Config, ConfigError, load_config
 from launcher.tracking import Tracker, ensure_store, resolve_tracking_uri
+from model.atomic import atomic_write
 from tuning import pareto
 from tuning.pareto import TrialOutcome
 from tuning.sweep_config import (BUDGET_KEY, SweepConfig, base_train_config, load_sweep_config,
@@ -95,9 +96,7 @@ class EpochLog:
     def add(self, metrics: dict) -> None:
         # Keyed by (phase, epoch): an epoch re-run after a restart replaces its first report.
         self.epochs[f"{metrics['phase']}/{metrics['epoch']}"] = metrics
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.epochs))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.epochs))
 
     def finished_network(self) -> dict:
         """The fine-tune epoch the launcher keeps (first best val_top1; it saves
