@@ -15,18 +15,21 @@ r, r + W, r + 2W, ..., so sums of per-rank counts give exact metrics.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 _torch_threads = torch.get_num_threads()  # importing FFCV sets torch to 1 thread, process-wide
-from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,  # noqa: E402
+from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, NDArrayDecoder,  # noqa: E402
                                   RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder)
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor  # noqa: E402
 
 from data_pipeline import DataError  # noqa: E402
+from data_pipeline.event_augment import nda_augment  # noqa: E402
 from data_pipeline.inspect import open_beton  # noqa: E402
 from data_pipeline.splits import SPLITS  # noqa: E402
 from data_pipeline.seeded_augment import SeededCropFlip  # noqa: E402
@@ -153,7 +156,6 @@ def make_loaders(dataset: str, data_dir: str | os.PathLike, *, batch_size: int, 
     kwargs = dict(batch_size=batch_size, num_workers=num_workers, order=order, os_cache=os_cache,
                   drop_last=drop_last, distributed=distributed, device=device, seed=seed)
     if dataset == "dvs_cifar10":
-        from data_pipeline.dvs_cifar10 import dvs_loaders
         return dvs_loaders(data_dir, **kwargs, **({} if image_size is None else {"image_size": image_size}))
     if dataset not in DATASETS:
         raise DataError(f"dataset={dataset!r}: choose one of {', '.join(DATASETS)}")
@@ -169,3 +171,72 @@ def make_loaders(dataset: str, data_dir: str | os.PathLike, *, batch_size: int, 
                                 order=order, os_cache=os_cache, drop_last=drop_last, distributed=distributed,
                                 seed=seed)
             for split, path in paths.items()}
+
+
+def _frames_op(image_size: int, augment: bool, seed: int, rank: int):
+    """FFCV operation on the decoded batch: int16 counts -> float32 [N, T, 2, S, S], augmented."""
+    from ffcv.pipeline.operation import Operation
+
+    class FramesToInput(Operation):
+        def __init__(self):
+            super().__init__()
+            state = np.random.SeedSequence([seed, rank]).generate_state(1)[0]
+            self.generator = torch.Generator().manual_seed(int(state))
+
+        def generate_code(self):
+            generator = self.generator
+
+            def frames_to_input(inp, _):
+                x = inp.float()
+                n, T, C, H, W = x.shape
+                if (H, W) != (image_size, image_size):
+                    x = F.interpolate(x.reshape(n, T * C, H, W), size=(image_size, image_size),
+                                      mode="bilinear", align_corners=False, antialias=True)
+                    x = x.reshape(n, T, C, image_size, image_size)
+                return nda_augment(x, generator) if augment else x
+
+            return frames_to_input
+
+        def declare_state_and_memory(self, previous_state):
+            T, C = previous_state.shape[:2]
+            return replace(previous_state, shape=(T, C, image_size, image_size),
+                           dtype=torch.float32, jit_mode=False), None
+
+    return FramesToInput()
+
+
+def dvs_loaders(data_dir, *, batch_size: int, num_workers: int = 1, order: str = "random",
+                os_cache: bool = True, drop_last: bool | None = None, distributed: bool = False,
+                device="cpu", seed: int = 0, image_size: int = 48, augment: bool = True) -> dict:
+    """FFCV loaders for the .beton splits present in data_dir: {"train", "val", "test"}.
+
+    Batches are (x float32 [N, T, 2, image_size, image_size] event counts, y int64 [N]).
+    Train follows `order` and is augmented (NDA) unless augment=False; val and test are read
+    in sequence. Ordering, drop_last and sharding are those of `build_loader`; with
+    distributed, each rank also augments with its own seed.
+    """
+    data_dir = Path(data_dir)
+    device = check_options(order, distributed, device)
+    rank = torch.distributed.get_rank() if distributed else 0
+    to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    loaders = {}
+    for split in SPLITS:
+        path = data_dir / f"{split}.beton"
+        if not path.is_file():
+            continue
+        fields = list(open_beton(path).handlers)
+        if fields != ["frames", "label"]:
+            raise DataError(f"{path}: not a dvs_cifar10 .beton (fields {', '.join(fields)})")
+        train = split == "train"
+        pipelines = {
+            "frames": [NDArrayDecoder(), ToTensor(), *to_device,
+                       _frames_op(image_size, augment and train, seed, rank)],
+            "label": [IntDecoder(), ToTensor(), *to_device, Squeeze(1)],
+        }
+        loaders[split] = build_loader(path, pipelines, train=train, batch_size=batch_size,
+                                      num_workers=num_workers, order=order, os_cache=os_cache,
+                                      drop_last=drop_last, distributed=distributed, seed=seed)
+    if not loaders:
+        raise DataError(f"{data_dir}: no train/val/test .beton files; write them with "
+                        f"`python -m data_pipeline.write dvs-cifar10 --src SRC --out {data_dir}`")
+    return loaders

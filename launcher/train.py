@@ -35,7 +35,7 @@ from launcher.ds_config import build_ds_config
 from launcher.optimizer import build_optimizer, freeze, overwrite_params, set_lr
 from launcher.preemption import PreemptionHandler
 from launcher.progress import Progress
-from launcher.reports import mask_histogram_png
+from launcher.mask_histogram import mask_histogram_png
 from launcher.tracking import Tracker, resolve_tracking_uri
 from model import build_model
 from model.atomic import atomic_torch_save

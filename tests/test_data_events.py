@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline import DataError
-from data_pipeline.dvs_cifar10 import CLASS_NAMES, dvs_loaders, nda_augment, write_dvs_cifar10
+from data_pipeline.dvs_cifar10 import CLASS_NAMES, write_dvs_cifar10
+from data_pipeline.event_augment import nda_augment
 from data_pipeline.events import (EVENT_DTYPE, events_to_frames, read_events, write_aedat2,
                                   write_aedat4)
+from data_pipeline.loaders import dvs_loaders
 
 REPO = Path(__file__).resolve().parents[1]
 DAVIS346 = REPO.parent / "shared" / "data" / "events" / "davis346.aedat4"
