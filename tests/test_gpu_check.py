@@ -3,6 +3,7 @@ the lazy-import promise that lets the script start on a GPU machine lacking our 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 CHECKS = {"neuron_kernels", "train_step", "bf16_decisions", "energy_count"}
+LAUNCH_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def test_import_loads_no_project_or_optional_module():
@@ -33,8 +35,11 @@ def test_import_loads_no_project_or_optional_module():
 def test_smoke_run(tmp_path):
     """~30 s on 2 cores: every check reports a status, the CPU comparisons produce numbers."""
     out_file = tmp_path / "gpu_check.json"
+    # Earlier in-process tests export RANK/MASTER_PORT for a group this pytest process still
+    # holds: inherited, the script would try to bind that same port.
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out_file)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
     doc = json.loads(lines[-1])
