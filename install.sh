@@ -27,6 +27,9 @@ if [[ "${1:-}" == "--test" ]]; then
   # SpikingJelly is a test-only reference; its declared deps pull a CUDA torch, so it goes
   # in alone, with the one dependency its neuron modules import (loguru).
   "${PIP[@]}" --no-deps spikingjelly==2.0.0 loguru
+  # NIR importers our export is checked against (tests only); norse declares torchvision,
+  # which it does not need and which would pull a CUDA torch: all without dependencies.
+  "${PIP[@]}" --no-deps nirtorch==2.6 snntorch==1.0.0 norse==1.1.0
 else
   DS_BUILD_OPS=0 "${PIP[@]}" -e .
 fi

@@ -8,6 +8,9 @@ Kept import-light on purpose: ``DataError`` is needed by every module here and b
 which should not pay for importing FFCV and torch just to report a bad path.
 """
 
+# The data sets the loaders read (data_pipeline.loaders.make_loaders); the config's choices.
+DATASETS = ("demo", "cifar10", "imagenet", "dvs_cifar10")
+
 
 class DataError(ValueError):
     """Bad input data or output location; the message names the file and the problem."""

@@ -28,7 +28,7 @@ from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, NDArray
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor  # noqa: E402
 
-from data_pipeline import DataError  # noqa: E402
+from data_pipeline import DATASETS, DataError  # noqa: E402
 from data_pipeline.event_augment import nda_augment  # noqa: E402
 from data_pipeline.inspect import open_beton  # noqa: E402
 from data_pipeline.splits import SPLITS  # noqa: E402
@@ -37,7 +37,6 @@ from data_pipeline.transforms import NormalizeToCHW  # noqa: E402
 
 torch.set_num_threads(_torch_threads)
 
-DATASETS = ("demo", "cifar10", "imagenet", "dvs_cifar10")
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
 # Per-channel mean and std on the 0-255 scale. demo: Fashion-MNIST train after padding to 32x32.
@@ -83,11 +82,11 @@ def check_options(order: str, distributed: bool, device) -> torch.device:
         raise DataError("order='quasi_random' is not supported with distributed=True (FFCV cannot shard it); "
                         "use order='random'")
     if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise RuntimeError("distributed=True needs torch.distributed.init_process_group() to have run "
-                           "before the loaders are built")
+        raise DataError("distributed=True needs torch.distributed.init_process_group() to have run "
+                        "before the loaders are built")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={str(device)!r} but CUDA is not available on this machine")
+        raise DataError(f"device={str(device)!r} but CUDA is not available on this machine")
     if device.type not in ("cpu", "cuda"):
         raise DataError(f"device={str(device)!r}: choose 'cpu' or 'cuda[:N]'")
     return device

@@ -38,7 +38,8 @@ class Run:
         return self.cfg.pruning.enabled
 
     def loader(self, split: str = "test", batch_size: int | None = None):
-        """The run's own data for `split` (sequential, CPU), as training evaluated it."""
+        """The run's own data for `split` on the CPU, as training read it (val and test in
+        file order, train in the run's order)."""
         d = self.cfg.data
         try:
             loaders = make_loaders(d.dataset, d.data_dir, batch_size=batch_size or d.batch_size,

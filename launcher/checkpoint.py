@@ -30,7 +30,7 @@ import re
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,20 +60,34 @@ class TrainState:
     """Where the training loop is; enough to continue exactly (stored with every checkpoint).
 
     step: optimizer steps done since the start of the run (all phases).
-    phase / epoch: the phase in progress and the index of its epoch in progress.
+    phase / epoch: the phase in progress and the index of its epoch in progress ("dense": a
+      baseline with pruning off, one phase as long as search + fine-tune).
     batch_in_epoch: micro-batches of that epoch already consumed (resume skips them).
-    search_step: optimizer steps done in the search phase, i.e. the beta position.
+    search_step: optimizer steps done in the search phase, i.e. the beta position; the
+      fine-tune (or dense) phase's own step is `step - search_step`.
+    loader_epoch: epochs the train loader has started (FFCV seeds its order by it).
+    epoch_loss_sum / epoch_loss_steps: train loss of the epoch in progress, so a resumed
+      epoch reports its whole mean.
+    budget: the budget controller's state in budget mode, else None.
     """
 
     step: int = 0
-    phase: Literal["search", "finetune", "done"] = "search"
+    phase: Literal["search", "finetune", "dense", "done"] = "search"
     epoch: int = 0
     batch_in_epoch: int = 0
     search_step: int = 0
+    loader_epoch: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
     best_val_top1: float | None = None
     best_epoch: int | None = None
     mlflow_run_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, Any] | None = None
+
+    @property
+    def phase_step(self) -> int:
+        """Optimizer steps done in the phase in progress (the LR schedule's position)."""
+        return self.search_step if self.phase == "search" else self.step - self.search_step
 
 
 @dataclass

@@ -23,7 +23,11 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
+from data_pipeline import DATASETS
 from model.atomic import atomic_write
+from model.registry import MODELS
+
+MODEL_NAMES = tuple(MODELS)  # the registries are the one source of the names a config may use
 
 
 class ConfigError(ValueError):
@@ -45,7 +49,7 @@ _RULES = {
 class DataConfig:
     """Which FFCV data set to read and how (see data_pipeline.loaders.make_loaders)."""
 
-    dataset: Literal["demo", "cifar10", "imagenet", "dvs_cifar10"] = "demo"
+    dataset: Literal[DATASETS] = "demo"
     data_dir: str = "data/demo"
     batch_size: int = field(default=64, metadata=checked("positive"))  # per rank, per micro step
     num_workers: int = field(default=1, metadata=checked("positive"))
@@ -59,8 +63,7 @@ class DataConfig:
 class ModelConfig:
     """Arguments of model.build_model."""
 
-    name: Literal["cifar10_6conv2fc", "vggsnn_dvs", "sew_resnet18", "sew_resnet34",
-                  "sew_resnet50"] = "cifar10_6conv2fc"
+    name: Literal[MODEL_NAMES] = "cifar10_6conv2fc"
     width: float = field(default=1.0, metadata=checked("positive"))
     num_classes: int = field(default=10, metadata=checked("positive"))
     T: int = field(default=8, metadata=checked("positive"))

@@ -12,11 +12,9 @@ from launcher.config import Config
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> Literal["fp32", "bf16"]:
-    """'auto' -> bf16 on GPU, fp32 on CPU; fp16 is never accepted."""
+    """'auto' -> bf16 on GPU, fp32 on CPU (the config has already refused anything else)."""
     if precision == "auto":
         return "bf16" if on_gpu else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"deepspeed.precision {precision!r} is not supported (use bf16 or fp32)")
     return precision  # type: ignore[return-value]
 
 

@@ -29,7 +29,7 @@ from data_pipeline.loaders import make_loaders
 from launcher.budget import BudgetController
 from launcher.checkpoint import (CheckpointError, TrainState, find_resumable, load_checkpoint, safe_load,
                                  save_checkpoint)
-from launcher.config import Config, ConfigError, flatten, load_config, save_config
+from launcher.config import Config, ConfigError, config_yaml, flatten, load_config, save_config
 from launcher.distributed import barrier, is_primary, reduce_scalars, setup_distributed
 from launcher.ds_config import build_ds_config
 from launcher.optimizer import build_optimizer, freeze, overwrite_params, set_lr
@@ -40,7 +40,7 @@ from launcher.tracking import Tracker, resolve_tracking_uri
 from model import build_model
 from model.atomic import atomic_torch_save
 from model.energy_count import measure_energy
-from model.masks import (MaskError, mask_logits, save_masks, set_beta, set_mask_mode, weight_layers,
+from model.masks import (MaskError, mask_logits, mask_mode, save_masks, set_beta, set_mask_mode, weight_layers,
                          weight_params)
 from model.penalty import energy_penalty, penalty_terms
 from model.schedules import beta_at, lr_at
@@ -72,6 +72,8 @@ class Ctx:
     budget: BudgetController | None
     progress: Progress
     dense_sops: float | None  # the dense reference's SOPs per sample, for the energy ratio
+    last_sops: float | None = None  # the latest SOPs/sample measured, for the progress bar
+
 
 
 def seed_everything(seed: int) -> None:
@@ -149,20 +151,21 @@ def evaluate(ctx: Ctx, split: str, mode: str, limit: int | None = None) -> dict[
     """Top-1/top-5 over this rank's shard (at most `limit` batches), summed over ranks (exact:
     shards are disjoint)."""
     net = ctx.net
+    was_training = net.training
     net.eval()
-    set_mask_mode(net, mode)
     correct1 = correct5 = n = 0
-    for i, (x, y) in enumerate(ctx.loaders[split]):
-        if limit is not None and i >= limit:
-            break
-        scores = net.logits(net(x.to(ctx.device, ctx.dtype)))
-        top = scores.topk(min(5, scores.shape[1]), dim=1).indices
-        y = y.to(top.device)
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(1).sum())
-        n += len(y)
+    with mask_mode(net, mode):
+        for i, (x, y) in enumerate(ctx.loaders[split]):
+            if limit is not None and i >= limit:
+                break
+            scores = net.logits(net(x.to(ctx.device, ctx.dtype)))
+            top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+            y = y.to(top.device)
+            correct1 += int((top[:, 0] == y).sum())
+            correct5 += int((top == y[:, None]).any(1).sum())
+            n += len(y)
     s = reduce_scalars({"c1": correct1, "c5": correct5, "n": n}, op="sum")
-    net.train()
+    net.train(was_training)
     return {"top1": s["c1"] / max(s["n"], 1), "top5": s["c5"] / max(s["n"], 1), "n": s["n"]}
 
 
@@ -183,10 +186,10 @@ def energy_on(ctx: Ctx, split: str, dense_sops: float | None, limit: int | None 
 
 
 def phase_epochs(cfg: Config, phase: str) -> int:
-    """Epochs of `phase`; a dense baseline trains as long as a pruned run, in one phase."""
-    if not cfg.pruning.enabled:
-        return cfg.pruning.search_epochs + cfg.pruning.finetune_epochs if phase == "finetune" else 0
-    return cfg.pruning.search_epochs if phase == "search" else cfg.pruning.finetune_epochs
+    """Epochs of `phase`; the dense baseline trains as long as a pruned run, in one phase."""
+    p = cfg.pruning
+    return {"search": p.search_epochs, "finetune": p.finetune_epochs,
+            "dense": p.search_epochs + p.finetune_epochs}[phase]
 
 
 def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
@@ -195,15 +198,14 @@ def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
     cfg, engine, net, state = ctx.cfg, ctx.engine, ctx.net, ctx.state
     search = phase == "search"
     loader = ctx.loaders["train"]
-    loader.next_epoch = state.extra.get("loader_epoch", 0)  # FFCV's order is seeded by epoch
+    loader.next_epoch = state.loader_epoch  # FFCV's order is seeded by epoch
     micro_per_epoch = ctx.steps_per_epoch * cfg.optim.grad_accum
-    # A dense baseline (pruning off) is all "finetune" epochs, but trains at the main LR.
-    base_lr = cfg.optim.lr if search or not cfg.pruning.enabled else cfg.optim.finetune_lr
+    base_lr = cfg.optim.finetune_lr if phase == "finetune" else cfg.optim.lr
     terms = penalty_terms(net) if search else None
     net.train()
     # (sum of train_loss, steps) of this epoch: in the state, so a resumed epoch reports it whole.
-    if state.batch_in_epoch == 0 or "epoch_loss" not in state.extra:
-        state.extra["epoch_loss"] = [0.0, 0]
+    if state.batch_in_epoch == 0:
+        state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
     step_loss = 0.0
     bar = ctx.progress(phase, epoch, ctx.steps_per_epoch, state.batch_in_epoch // cfg.optim.grad_accum)
     for i, (x, y) in enumerate(loader if state.batch_in_epoch < micro_per_epoch else ()):
@@ -211,7 +213,7 @@ def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
             continue  # trained on before the interruption; read anyway to keep the data stream
         if i >= micro_per_epoch:
             break
-        phase_step = state.search_step if search else state.step - state.extra.get("finetune_start", 0)
+        phase_step = state.phase_step
         lr = lr_at(phase_step, total_steps, base_lr, cfg.optim.schedule)
         set_lr(engine.optimizer, "weight", lr)
         metrics = {"lr": lr}
@@ -244,23 +246,24 @@ def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
             state.search_step += 1
             if ctx.budget and state.search_step % ctx.budget.every == 0:
                 progress = state.search_step / max(total_steps, 1)
-                metrics["budget_sops"] = ctx.budget.observe(net, x.to(ctx.device, ctx.dtype), progress)
+                metrics["budget_sops"] = ctx.last_sops = ctx.budget.observe(net, x.to(ctx.device, ctx.dtype),
+                                                                            progress)
                 metrics["budget_target"] = ctx.budget.target(progress)
         # The loss of the global batch: mean over micro-batches and ranks (one small all-reduce).
         metrics["train_loss"] = reduce_scalars({"loss": step_loss})["loss"]
         step_loss = 0.0
-        total, n = state.extra["epoch_loss"]
-        state.extra["epoch_loss"] = [total + metrics["train_loss"], n + 1]
+        state.epoch_loss_sum += metrics["train_loss"]
+        state.epoch_loss_steps += 1
         ctx.tracker.log_metrics(metrics, step=state.step)
-        bar.update(loss=metrics["train_loss"], **{k: metrics[k] for k in ("beta",) if k in metrics})
+        bar.update(loss=metrics["train_loss"], lr=lr, **{k: metrics[k] for k in ("beta",) if k in metrics},
+                   **({"sops": ctx.last_sops} if ctx.last_sops is not None else {}))
         if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
             save(ctx)
         if ctx.stop.should_stop():
             save(ctx)
             raise Preempted(ctx.stop.exit_code)
     bar.close()
-    total, n = state.extra["epoch_loss"]
-    return total / max(n, 1)
+    return state.epoch_loss_sum / max(state.epoch_loss_steps, 1)
 
 
 def sync_buffers(net: torch.nn.Module) -> None:
@@ -287,14 +290,14 @@ def save(ctx: Ctx, tag: str | None = None) -> None:
     # The run id can appear late (store unreachable at start); rank 0's state is the one saved.
     ctx.state.mlflow_run_id = ctx.tracker.run_id or ctx.state.mlflow_run_id
     if ctx.budget:
-        ctx.state.extra["budget"] = ctx.budget.state_dict()
+        ctx.state.budget = ctx.budget.state_dict()
     save_checkpoint(ctx.engine, ctx.cfg.checkpoint.run_dir, ctx.state, ctx.cfg,
                     keep_last=ctx.cfg.checkpoint.keep_last, tag=tag)
 
 
 def end_of_epoch(ctx: Ctx, phase: str, epoch: int, train_loss: float) -> dict:
     """Validation (soft and hard masks), structure and SOPs; logged and returned."""
-    net, cfg = ctx.net, ctx.cfg
+    cfg = ctx.cfg
     pruning = cfg.pruning.enabled
     metrics = {"epoch_train_loss": train_loss}
     limit = cfg.eval_batches_limit
@@ -307,7 +310,7 @@ def end_of_epoch(ctx: Ctx, phase: str, epoch: int, train_loss: float) -> dict:
     report = energy_on(ctx, "val", None, limit)
     metrics.update(weight_keep=report.weight_keep, neuron_keep=report.neuron_keep,
                    connectivity=report.connectivity, sops_per_sample=report.sops_per_sample)
-    set_mask_mode(net, "soft" if pruning and phase == "search" else ("hard" if pruning else "off"))
+    ctx.last_sops = report.sops_per_sample
     ctx.tracker.log_metrics(metrics, step=ctx.state.step)
     if is_primary():
         print(f"[{phase} {epoch + 1}] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
@@ -324,12 +327,12 @@ def run_phase(ctx: Ctx, phase: str) -> None:
         if ctx.budget and phase == "finetune":
             calibrate_budget(ctx)
         metrics = end_of_epoch(ctx, phase, state.epoch, train_loss)
-        if phase == "finetune" and (state.best_val_top1 is None or metrics["val_top1"] > state.best_val_top1):
+        if phase != "search" and (state.best_val_top1 is None or metrics["val_top1"] > state.best_val_top1):
             state.best_val_top1, state.best_epoch = metrics["val_top1"], state.epoch
             if is_primary():
                 atomic_torch_save(ctx.net.state_dict(), best_path, fsync=True)
         epoch, state.epoch, state.batch_in_epoch = state.epoch, state.epoch + 1, 0
-        state.extra["loader_epoch"] = state.extra.get("loader_epoch", 0) + 1
+        state.loader_epoch += 1
         save(ctx)
         # After the save: a trial that dies here resumes past this epoch, reported once.
         if ctx.reporter is not None:
@@ -355,7 +358,6 @@ def harden_subnetwork(ctx: Ctx) -> None:
     set_mask_mode(ctx.net, "hard")
     freeze(ctx.engine.optimizer, "mask")
     state.phase, state.epoch, state.batch_in_epoch = "finetune", 0, 0
-    state.extra["finetune_start"] = state.step
     if ctx.budget:
         calibrate_budget(ctx)
     write_mask_artifacts(ctx)
@@ -464,7 +466,8 @@ def _train(cfg: Config, stop: PreemptionHandler, reporter: Callable[[dict], None
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
 
-    state = TrainState(phase="search" if p.enabled and p.search_epochs > 0 else "finetune")
+    first = "search" if p.search_epochs > 0 else "finetune"
+    state = TrainState(phase=first if p.enabled else "dense")
     ckpt = find_resumable(run_dir)
     if ckpt is not None:
         state = load_checkpoint(engine, ckpt)
@@ -481,11 +484,12 @@ def _train(cfg: Config, stop: PreemptionHandler, reporter: Callable[[dict], None
     budget = None
     if p.enabled and p.sop_budget is not None:
         budget = BudgetController(p.sop_budget, p.lambda_w, p.lambda_n)
-        if "budget" in state.extra:
-            budget.load_state_dict(state.extra["budget"])
+        if state.budget is not None:
+            budget.load_state_dict(state.budget)
     if is_primary():
         from model.structure import connectivity
 
+        print(f"resolved config:\n{config_yaml(cfg)}", flush=True)
         print(f"world_size={info.world_size} backend={info.backend} device={info.device} dtype={dtype}\n"
               f"global_batch={ds_config['train_batch_size']} (micro {cfg.data.batch_size} x accum "
               f"{cfg.optim.grad_accum} x world {info.world_size}) steps/epoch={steps_per_epoch} "
@@ -503,10 +507,12 @@ def _train(cfg: Config, stop: PreemptionHandler, reporter: Callable[[dict], None
             run_phase(ctx, "search")
             harden_subnetwork(ctx)
         if state.phase == "finetune":
-            if p.enabled:
-                set_mask_mode(net, "hard")
-                freeze(engine.optimizer, "mask")
+            set_mask_mode(net, "hard")
+            freeze(engine.optimizer, "mask")
             run_phase(ctx, "finetune")
+        elif state.phase == "dense":
+            run_phase(ctx, "dense")
+        if state.phase in ("finetune", "dense"):
             results = final_report(ctx)
         else:  # started again after it had finished
             results = json.loads((run_dir / "results.json").read_text())

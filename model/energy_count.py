@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.energy_report import PJ_PER_MAC, PJ_PER_SOP, EnergyReport, LayerReport
-from model.masks import (MaskedConv2d, MaskedLinear, MaskError, keep_ratios, masked_modules,
-                         set_mask_mode, weight_layers)
+from model.masks import (MaskedConv2d, MaskedLinear, MaskError, keep_ratios, mask_mode,
+                         masked_modules, weight_layers)
 from model.structure import connectivity
 
 
@@ -229,18 +229,14 @@ def measure_energy(net: nn.Module, batches: Iterable, *, max_batches: int | None
     mask modes are restored afterwards. `device` defaults to the net's parameters' device."""
     if device is None:
         device = next(net.parameters()).device
-    modes = {name: m.mode for name, m in masked_modules(net)}
     was_training = net.training
     try:
         net.eval()
-        set_mask_mode(net, "hard")
-        with torch.no_grad(), SOPCounter(net) as counter:
+        with mask_mode(net, "hard"), torch.no_grad(), SOPCounter(net) as counter:
             for i, (x, *_) in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
                 net(x.to(device, non_blocking=True))
     finally:
-        for name, m in masked_modules(net):
-            m.mode = modes[name]
         net.train(was_training)
     return counter.report(dense_reference_sops=dense_reference_sops)

@@ -14,6 +14,7 @@ import io
 import math
 import os
 import zipfile
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -157,6 +158,19 @@ def set_mask_mode(net: nn.Module, mode: str) -> None:
         raise MaskError(f"mask mode must be one of {MODES}, got {mode!r}")
     for _, m in masked_modules(net):
         m.mode = mode
+
+
+@contextmanager
+def mask_mode(net: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """Run a block with every mask in `mode`; each mask's own mode is restored after, so a
+    function that switches modes for its own work leaves the network as it found it."""
+    modes = {name: m.mode for name, m in masked_modules(net)}
+    set_mask_mode(net, mode)
+    try:
+        yield net
+    finally:
+        for name, m in masked_modules(net):
+            m.mode = modes[name]
 
 
 def harden(net: nn.Module) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from model.masks import masked_modules, set_mask_mode, weight_layers
+from model.masks import mask_mode, weight_layers
 
 
 @contextmanager
@@ -60,13 +60,8 @@ class Connectivity:
 @torch.no_grad()
 def connectivity(net: nn.Module) -> Connectivity:
     """Surviving vs dense connections, with hard masks (masks' modes are restored after)."""
-    modes = {name: m.mode for name, m in masked_modules(net)}
-    try:
-        set_mask_mode(net, "hard")
+    with mask_mode(net, "hard"):
         live = structural_pass(net)
-        set_mask_mode(net, "off")
+    with mask_mode(net, "off"):
         dense = structural_pass(net)
-    finally:
-        for name, m in masked_modules(net):
-            m.mode = modes[name]
     return Connectivity(live, dense)

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from model.energy_count import layer_kind
 from model.energy_report import aligned
-from model.masks import MaskedConv2d, NeuronMask, masked_modules, set_mask_mode, weight_layers
+from model.masks import MaskedConv2d, NeuronMask, mask_mode, masked_modules, weight_layers
 from model.penalty import penalty_terms
 from model.registry import MODELS, build_model
 from model.structure import structural_pass
@@ -31,13 +31,8 @@ def default_num_classes(name: str) -> int:
 def structure_summary(net: nn.Module) -> dict:
     """Global sizes and one row per weight layer; dense connections are per time step and
     sample with every mask off and padding excluded (docs/METHOD.md §5). Mask modes are restored."""
-    modes = {name: m.mode for name, m in masked_modules(net)}
-    try:
-        set_mask_mode(net, "off")
+    with mask_mode(net, "off"):
         dense = structural_pass(net)
-    finally:
-        for name, m in masked_modules(net):
-            m.mode = modes[name]
     terms = penalty_terms(net)
     e_w = {id(m): e for m, e in terms.weights}
     e_n = {id(m): e for m, e in terms.neurons}

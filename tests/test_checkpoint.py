@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 
+import deepspeed
 import pytest
 import torch
 
@@ -25,7 +26,6 @@ from launcher.optimizer import build_optimizer, freeze, overwrite_params
 from launcher.preemption import EXIT_REQUEUE, EXIT_TERMINATED, PreemptionHandler
 from model.atomic import atomic_torch_save
 
-deepspeed = pytest.importorskip("deepspeed")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_resume_equals_uninterrupted(dist_info, tmp_path, stage):
     torch.manual_seed(1)
     _train(engine, 3)
     state = TrainState(step=3, epoch=1, batch_in_epoch=2, search_step=3, mlflow_run_id="abc",
-                       extra={"lambda_w": 1e-11})
+                       loader_epoch=1, epoch_loss_sum=0.5, epoch_loss_steps=2, budget={"log_lambda": -25.0})
     save_checkpoint(engine, tmp_path, state, cfg, keep_last=2)
     _train(engine, 3)
     reference = _params(engine)

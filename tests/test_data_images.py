@@ -483,7 +483,7 @@ def test_loader_rejects_bad_files_and_options(tmp_path, cifar_dir):
     with pytest.raises(DataError, match="order='quasi_random' is not supported with distributed=True"):
         check_options("quasi_random", True, "cpu")
     if not torch.distributed.is_initialized():  # an earlier in-process test may have made a group
-        with pytest.raises(RuntimeError, match="distributed=True needs torch.distributed.init_process_group"):
+        with pytest.raises(DataError, match="distributed=True needs torch.distributed.init_process_group"):
             check_options("random", True, "cpu")
     with pytest.raises(DataError, match="order='shuffled'"):
         check_options("shuffled", False, "cpu")

@@ -181,6 +181,37 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(reference, data_dir,
     assert sorted((m.step, m.value) for m in history) == sorted((m.step, m.value) for m in ref_history)
 
 
+def _finetune_checkpoint_written(root: Path) -> bool:
+    for marker in root.glob(f"step*/{MARKER}"):
+        try:
+            if json.loads(marker.read_text())["state"]["phase"] == "finetune":
+                return True
+        except (OSError, ValueError):  # a directory being renamed or removed right now
+            continue
+    return False
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_finetune_phase_then_resume_equals_uninterrupted(reference, data_dir, tmp_path):
+    """The resume-after-hardening branch: hard masks and frozen logits come back from the
+    checkpoint, the fine-tune LR restarts where it was, and the result is the reference's."""
+    run_dir = tmp_path / "run"
+    args = overrides(data_dir, run_dir, None, "checkpoint.every_steps=1")
+    root = run_dir / "checkpoints"
+    code, log = signal_when(args, tmp_path / "log.txt", lambda: _finetune_checkpoint_written(root),
+                            signal.SIGTERM)
+    assert code == EXIT_TERMINATED, log[-3000:]
+    stopped = json.loads((latest_checkpoint(run_dir) / MARKER).read_text())["state"]
+    assert stopped["phase"] == "finetune" and stopped["step"] < STEPS, stopped
+    resumed = run_train(args)
+    assert f"resuming from {root / 'step{:09d}'.format(stopped['step'])} " in resumed.stdout, resumed.stdout[-2000:]
+    assert "finetune epoch" in resumed.stdout or "[finetune" in resumed.stdout
+    assert_same_tensors(module_state(latest_checkpoint(run_dir)), module_state(latest_checkpoint(reference.run_dir)))
+    assert_same_tensors(safe_load(run_dir / "best_model.pt"), safe_load(reference.run_dir / "best_model.pt"))
+    assert json.loads((run_dir / "results.json").read_text()) == json.loads(
+        (reference.run_dir / "results.json").read_text())
+
+
 @pytest.mark.slow
 def test_usr1_during_set_up_checkpoints_at_the_first_step(data_dir, tmp_path):
     """SLURM may signal while loaders and the engine are still being built (tens of seconds at

@@ -99,9 +99,9 @@ class EpochLog:
         atomic_write(self.path, json.dumps(self.epochs))
 
     def finished_network(self) -> dict:
-        """The fine-tune epoch the launcher keeps (first best val_top1; it saves
+        """The fine-tune (or dense) epoch the launcher keeps (first best val_top1; it saves
         best_model.pt on a strict improvement), else the last epoch reported."""
-        finetune = sorted((m for m in self.epochs.values() if m["phase"] == "finetune"),
+        finetune = sorted((m for m in self.epochs.values() if m["phase"] in ("finetune", "dense")),
                           key=lambda m: m["epoch"])
         if finetune:
             return max(finetune, key=lambda m: m["val_top1"])  # max() keeps the first of ties

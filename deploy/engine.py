@@ -1,0 +1,81 @@
+"""EventEngine: a hardened network compiled once, then run event-driven on batches (docs/DEPLOY.md).
+
+    engine = EventEngine(run.net)            # or EventEngine.from_run(open_run(path))
+    res = engine.run(x, threads=2)           # x as the run's loader gives it
+    res.logits, res.sops_per_sample          # [N, K] class scores, SOPs as the energy report counts
+
+The kernel is CPU (numba); a GPU path would be a second `run_batch` over the same Program
+tables (docs/DEPLOY.md, GPU), selected here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+from deploy.engine_compile import Program, compile_network
+from deploy.engine_kernels import run_batch
+from deploy.rundir import DeployError
+
+
+@dataclass
+class EngineResult:
+    out: np.ndarray  # [T, N, K] as the network's forward returns it (after the vote)
+    logits: np.ndarray  # [N, K], mean over T
+    sops: np.ndarray  # [N, counted layers]: synaptic additions per sample, per layer
+    layers: list[str]  # names of the sops columns (the energy report's layer names)
+    spikes: dict[str, np.ndarray] | None  # block name -> [T, N, C, H, W] uint8, when recorded
+
+    @property
+    def sops_per_sample(self) -> float:
+        """Mean over the batch, summed over layers as the energy report sums its rows."""
+        n = self.sops.shape[0]
+        return sum(float(self.sops[:, i].sum()) / n for i in range(self.sops.shape[1]))
+
+
+class EventEngine:
+    def __init__(self, net: torch.nn.Module):
+        self.program: Program = compile_network(net)
+
+    @classmethod
+    def from_run(cls, run) -> EventEngine:
+        """The engine for `deploy.rundir.open_run(...)`'s network (a dense run compiles too)."""
+        return cls(run.net)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.program.counted)
+
+    def _input(self, x) -> np.ndarray:
+        x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        shape = self.program.input_shape
+        if tuple(x.shape[1:]) != shape:
+            raise DeployError(f"input of shape {tuple(x.shape)}: the network takes [N, {', '.join(map(str, shape))}]")
+        steps = shape[0] if len(shape) == 4 else 1  # event frames [N, T, C, H, W] or an image
+        return np.ascontiguousarray(x.reshape(x.shape[0], steps, -1), dtype=np.float64)
+
+    def run(self, x, *, threads: int | None = None, record: bool = False) -> EngineResult:
+        """Class scores, SOP counts and (record) every spiking layer's spikes for one batch."""
+        p = self.program
+        xin = self._input(x)
+        n = xin.shape[0]
+        threads = max(1, min(threads or numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(threads)
+        chunks = np.linspace(0, n, min(n, threads) + 1).round().astype(np.int64)
+        out = np.zeros((n, p.T, p.out_size), np.float64)
+        sops = np.zeros((n, len(p.counted)), np.float64)
+        rec = np.zeros((n, p.T, p.rec_size) if record else (1, 1, 1), np.uint8)
+        a = p.arrays
+        run_batch(xin, p.T, a["ops"], a["lay"], a["maps"], a["ptr"], a["ent"], a["wts"], a["bias"], a["live"],
+                  a["livec"], a["livemask"], a["taus"], a["sizes"], out, sops, rec, record, chunks)
+        out = out.transpose(1, 0, 2)
+        if p.vote:
+            out = out.reshape(p.T, n, p.num_classes, -1).mean(-1)
+        spikes = None
+        if record:
+            spikes = {name: rec[:, :, off:off + int(np.prod(chw))].reshape(n, p.T, *chw).transpose(1, 0, 2, 3, 4)
+                      for name, (off, chw) in p.recorded.items()}
+        return EngineResult(out=out, logits=out.mean(0), sops=sops, layers=list(p.counted), spikes=spikes)
