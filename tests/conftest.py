@@ -59,3 +59,18 @@ def imagenet_jpegs(foolbox_wheel) -> list[tuple[bytes, int]]:
     members = _members(foolbox_wheel, "imagenet")
     assert len(members) == 20
     return [(data, label) for _, label, data in members]
+
+
+@pytest.fixture(scope="session")
+def fashion_test_images():
+    """The first 64 real Fashion-MNIST test images (Debian's dataset-fashion-mnist, which
+    install.sh installs) as the demo loader gives them: padded to 32x32x3, normalised; labels."""
+    import torch
+
+    from data_pipeline.images import read_fashion_mnist, to_rgb32
+    from data_pipeline.loaders import NORMALIZATION
+
+    _, (x, y) = read_fashion_mnist()
+    img = torch.from_numpy(to_rgb32(x[:64])).permute(0, 3, 1, 2).float()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION["demo"])
+    return (img - mean) / std, torch.from_numpy(y[:64])

@@ -17,7 +17,6 @@ from model.layers import ConvBNSpike, LinearSpike, StaticConvBNSpike
 from model.masks import NeuronMask, masked_modules, set_mask_mode
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "data" / "demo"
 
 
 def _random_hard(net, seed: int, keep: float = 0.5):
@@ -71,12 +70,8 @@ def _check(net, x):
 
 
 @pytest.fixture(scope="module")
-def demo_images():
-    if not (DEMO / "test.beton").is_file():
-        pytest.skip("no demo data (python -m data_pipeline.write demo)")
-    from data_pipeline.loaders import make_loaders
-    x, _ = next(iter(make_loaders("demo", DEMO, batch_size=8, order="sequential")["test"]))
-    return x
+def demo_images(fashion_test_images):
+    return fashion_test_images[0][:8]
 
 
 def test_cifar_net_exact_on_real_images(demo_images):
@@ -130,17 +125,21 @@ def test_bad_run_dirs(tmp_path):
 
 
 def test_masks_that_do_not_fit(tmp_path):
-    import shutil
+    """A finished run whose masks.spm comes from a wider network: one line naming the shape."""
+    import json
 
+    from launcher.config import load_config, save_config
     from model.masks import save_masks
-    src = REPO / "runs" / "compare" / "demo" / "runs" / "joint_b4e+04_s0"
-    if not (src / "results.json").is_file():
-        pytest.skip("no finished demo run")
+
+    cfg = load_config(REPO / "configs" / "test_tiny.yaml")
     dst = tmp_path / "run"
-    dst.mkdir()
-    for name in ("config.yaml", "results.json", "best_model.pt", "energy_report.json"):
-        shutil.copy(src / name, dst / name)
-    wider = build_model("cifar10_6conv2fc", num_classes=10, T=2, width=1 / 8)
-    save_masks(wider, dst / "masks.spm", "cifar10_6conv2fc")
+    save_config(cfg, dst / "config.yaml")
+    net = build_model(cfg.model.name, num_classes=cfg.model.num_classes, T=cfg.model.T,
+                      width=cfg.model.width, input_size=cfg.model.input_size)
+    torch.save(net.state_dict(), dst / "best_model.pt")
+    (dst / "results.json").write_text(json.dumps({"test_top1": 0.0}))
+    wider = build_model(cfg.model.name, num_classes=cfg.model.num_classes, T=cfg.model.T,
+                        width=cfg.model.width * 2, input_size=cfg.model.input_size)
+    save_masks(wider, dst / "masks.spm", cfg.model.name)
     with pytest.raises(DeployError, match="shape"):
         open_run(dst)

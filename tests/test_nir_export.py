@@ -66,15 +66,9 @@ def harden_randomly(net, *, partial: bool, seed: int = 0, gain: float = 1.0):
 
 
 @pytest.fixture(scope="module")
-def fashion():
-    """64 real Fashion-MNIST test images, padded to 32x32x3 and normalised as the demo's."""
-    from data_pipeline.images import read_fashion_mnist, to_rgb32
-    from data_pipeline.loaders import NORMALIZATION
-
-    _, (x, y) = read_fashion_mnist()
-    img = torch.from_numpy(to_rgb32(x[:64])).permute(0, 3, 1, 2).float()
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION["demo"])
-    return (img - mean) / std, torch.from_numpy(y[:64])
+def fashion(fashion_test_images):
+    """64 real Fashion-MNIST test images, as the demo loader gives them."""
+    return fashion_test_images
 
 
 def tiny_cifar(partial: bool):
