@@ -30,6 +30,10 @@ if [[ "${1:-}" == "--test" ]]; then
   # NIR importers our export is checked against (tests only); norse declares torchvision,
   # which it does not need and which would pull a CUDA torch: all without dependencies.
   "${PIP[@]}" --no-deps nirtorch==2.6 snntorch==1.0.0 norse==1.1.0
+  # NeuroBench, the counter our energy counts are checked against (tests only): its metrics
+  # import torch, snntorch, numpy and tqdm alone; its declared torchaudio, tonic and numba serve
+  # its data sets, and torchaudio would pull a CUDA torch.
+  "${PIP[@]}" --no-deps neurobench==2.3.0
 else
   DS_BUILD_OPS=0 "${PIP[@]}" -e .
 fi

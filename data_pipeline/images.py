@@ -7,11 +7,16 @@ IntField}``, so one loader code path reads them all.
 """
 from __future__ import annotations
 
+import codecs
+import functools
 import gzip
 import multiprocessing
 import os
 import pickle
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -170,13 +175,39 @@ def write_imagenet(src, out_dir, *, val_size: int | float = 10000, seed: int = 0
 
 # ---------------------------------------------------------------------------- CIFAR-10
 
+@functools.cache
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    from numpy._core.multiarray import _reconstruct
+    from numpy._core.numeric import _frombuffer
+
+    found = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+             ("_codecs", "encode"): codecs.encode}  # protocol 2 spells bytes as encode(str)
+    for module in ("numpy.core", "numpy._core"):  # numpy 1 wrote numpy.core, numpy 2 numpy._core
+        found[(f"{module}.multiarray", "_reconstruct")] = _reconstruct
+        found[(f"{module}.numeric", "_frombuffer")] = _frombuffer  # protocol 5
+    return found
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, dicts, lists, bytes, str and numbers, and nothing else: a
+    pickle names the callables it runs, and CIFAR-10's batches name only numpy's array
+    rebuilders, so any other name (os.system, ...) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        allowed = _numpy_globals().get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR-10 batch never "
+                                         f"holds; not loaded")
+        return allowed
+
+
 def _load_pickle(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: missing; expected the official python CIFAR-10 layout "
                         f"(cifar-10-python.tar.gz extracted: data_batch_1..5, test_batch, batches.meta)")
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _ArraysOnlyUnpickler(f, encoding="bytes").load()
     except Exception as err:
         raise DataError(f"{path}: not a CIFAR-10 python pickle ({type(err).__name__}: {err})") from err
     if not isinstance(obj, dict):
@@ -301,12 +332,80 @@ def write_cifar10(src, out_dir, *, val_size: int | float = 5000, seed: int = 0, 
 
 def write_demo(src=DEMO_SRC, out_dir="data/demo", *, val_size: int | float = 5000, seed: int = 0,
                overwrite: bool = False, num_workers: int | None = None) -> dict:
-    """Full Fashion-MNIST (60k train / 10k test) as 32x32x3 raw images -> ``out_dir``."""
+    """Full Fashion-MNIST (60k train / 10k test) as 32x32x3 raw images -> ``out_dir``.
+
+    The set is written into ``<out_dir>.partial-<pid>`` and renamed to ``out_dir`` once
+    complete: a crash leaves no half-written set under the name runs read."""
     out_dir = Path(out_dir)
     refuse_existing(_outputs(out_dir), overwrite)
     (train_x, train_y), (test_x, test_y) = read_fashion_mnist(src)
-    return _write_arrays(out_dir, "demo", DEMO_CLASSES, (to_rgb32(train_x), train_y), (to_rgb32(test_x), test_y),
-                         src, val_size=val_size, seed=seed, overwrite=overwrite, num_workers=num_workers)
+    with _atomic_dir(out_dir) as tmp:
+        return _write_arrays(tmp, "demo", DEMO_CLASSES, (to_rgb32(train_x), train_y),
+                             (to_rgb32(test_x), test_y), src, val_size=val_size, seed=seed,
+                             overwrite=overwrite, num_workers=num_workers)
+
+
+def demo_missing(out_dir) -> list[str]:
+    """The split files a demo set in ``out_dir`` lacks: [] when it is complete."""
+    return [f"{s}.beton" for s in SPLITS if not (Path(out_dir) / f"{s}.beton").is_file()]
+
+
+def ensure_demo(out_dir, *, seed: int = 0) -> None:
+    """Write the demo set to ``out_dir`` unless it is complete. A set missing split files
+    (left by an interrupted write before writes were atomic) is written again, said in one
+    line; a folder that also holds files of someone else's is refused, never replaced."""
+    out_dir = Path(out_dir)
+    missing = demo_missing(out_dir)
+    if not missing:
+        return
+    present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if present:
+        ours = {p.name for p in _outputs(out_dir)}
+        foreign = [n for n in present if n not in ours and not n.startswith(".")]  # .x.tmp: atomic writes'
+        if foreign:
+            raise DataError(f"{out_dir}: incomplete demo set ({', '.join(missing)} missing) beside other "
+                            f"files ({foreign[0]}, ...): not rewritten; move them or choose another data.data_dir")
+        print(f"{out_dir}: the demo set is incomplete ({', '.join(missing)} missing: an earlier write "
+              f"was interrupted); writing it again", flush=True)
+    else:
+        print(f"writing the demo data set to {out_dir} (once)", flush=True)
+    write_demo(out_dir=out_dir, seed=seed, overwrite=True)
+
+
+@contextmanager
+def _atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out_dir`` that replaces it when the block ends cleanly.
+    Folders that writers killed earlier left behind (their pid is gone) are removed first."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f"{out_dir.name}.partial-"
+    for stale in out_dir.parent.glob(f"{prefix}*"):
+        pid = stale.name[len(prefix):].split("-")[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out_dir.exists():  # overwrite: move the old set aside, then drop it
+            old = tmp.with_name(f"{tmp.name}-old")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
 
 
 # ---------------------------------------------------------------------------- common

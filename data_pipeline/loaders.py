@@ -14,6 +14,7 @@ r, r + W, r + 2W, ..., so sums of per-rank counts give exact metrics.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -117,6 +118,25 @@ def build_loader(path: str | os.PathLike, pipelines: dict, *, train: bool, batch
     return loader
 
 
+def check_kind(data_dir: Path, dataset: str, paths, fields: list[str]) -> None:
+    """DataError naming the file when `data_dir` holds another data set than `dataset`: by the
+    writer's meta.json where there is one, and by every .beton's field layout (an event set read
+    as images would otherwise fail deep inside FFCV)."""
+    meta = data_dir / "meta.json"
+    if meta.is_file():
+        try:
+            written = json.loads(meta.read_text()).get("dataset")
+        except (ValueError, AttributeError):
+            raise DataError(f"{meta}: not a readable meta.json") from None
+        if written is not None and written != dataset:
+            raise DataError(f"{data_dir} holds the {written} data set ({meta}), not {dataset}")
+    for path in paths:
+        found = list(open_beton(path).handlers)
+        if found != fields:
+            raise DataError(f"{path}: not a {dataset} .beton (fields {', '.join(found)}; "
+                            f"expected {', '.join(fields)})")
+
+
 def image_pipelines(dataset: str, *, train: bool, device: torch.device, image_size: int | None = None,
                     seed: int = 0) -> dict:
     """FFCV pipelines for the ``image`` and ``label`` fields of an image dataset."""
@@ -164,6 +184,7 @@ def make_loaders(dataset: str, data_dir: str | os.PathLike, *, batch_size: int, 
     if not paths:
         raise DataError(f"{data_dir}: no train/val/test.beton here; write them with "
                         f"python -m data_pipeline.write {dataset.replace('_', '-')} --out {data_dir}")
+    check_kind(data_dir, dataset, paths.values(), ["image", "label"])
     return {split: build_loader(path, image_pipelines(dataset, train=split == "train", device=device, seed=seed,
                                                       image_size=image_size),
                                 train=split == "train", batch_size=batch_size, num_workers=num_workers,
@@ -219,13 +240,13 @@ def dvs_loaders(data_dir, *, batch_size: int, num_workers: int = 1, order: str =
     rank = torch.distributed.get_rank() if distributed else 0
     to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     loaders = {}
+    check_kind(data_dir, "dvs_cifar10",
+               [data_dir / f"{s}.beton" for s in SPLITS if (data_dir / f"{s}.beton").is_file()],
+               ["frames", "label"])
     for split in SPLITS:
         path = data_dir / f"{split}.beton"
         if not path.is_file():
             continue
-        fields = list(open_beton(path).handlers)
-        if fields != ["frames", "label"]:
-            raise DataError(f"{path}: not a dvs_cifar10 .beton (fields {', '.join(fields)})")
         train = split == "train"
         pipelines = {
             "frames": [NDArrayDecoder(), ToTensor(), *to_device,

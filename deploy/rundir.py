@@ -7,6 +7,7 @@ the network whose test figures are in results.json (best_model.pt, masks hardene
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +82,16 @@ def open_run(run_dir: str | Path) -> Run:
                       width=cfg.model.width, input_size=cfg.model.input_size,
                       weight_masks=p.enabled and p.prune_weights, neuron_masks=p.enabled and p.prune_neurons)
     try:
-        state = safe_load(path / "best_model.pt")
+        state = safe_load(path / "best_model.pt")  # weights only: a planted pickle is refused, not run
+    except pickle.UnpicklingError:
+        raise DeployError(f"{path}/best_model.pt is not loadable: it holds objects other than tensors, "
+                          f"which are never unpickled") from None
+    except Exception as exc:  # truncated, not a torch file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DeployError(f"{path}/best_model.pt is not loadable ({type(exc).__name__}: {first})") from None
+    try:
         net.load_state_dict(state)
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, TypeError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DeployError(f"{path}/best_model.pt does not fit the config's network: {first}") from None
     if p.enabled:

@@ -1,4 +1,6 @@
-"""Budget mode (docs/METHOD.md §4, "we go beyond"): one run that lands on a SOP budget.
+"""Budget mode (docs/METHOD.md §4, "we go beyond"): one run that lands on a SOP budget, or on an
+energy budget in pJ per sample under a named hardware model (docs/ENERGY.md). Below, "SOPs"
+stands for whichever of the two is budgeted: the controller measures that one.
 
 Instead of a hand-picked lambda, the search adapts lambda_w and lambda_n (same factor, so
 their configured ratio is kept) by dual ascent in log space on the *measured* SOPs per
@@ -29,33 +31,22 @@ import torch
 from launcher.distributed import reduce_scalars
 from launcher.optimizer import overwrite_params
 from model.energy_count import measure_energy
+from model.energy_models import energy_model as named_model
 from model.masks import mask_logits
 
 
-def _sops(net, batches) -> float:
-    """SOPs per sample of the hard masks, averaged over ranks so every rank decides alike."""
-    return reduce_scalars({"sops": measure_energy(net, batches).sops_per_sample})["sops"]
-
-
-@torch.no_grad()
-def _dense_sops(net, batches) -> float:
-    """SOPs per sample of the same network with every mask kept (the logits restored after)."""
-    logits = mask_logits(net)
-    saved = [p.detach().clone() for p in logits]
-    try:
-        for p in logits:
-            p.fill_(1.0)
-        return _sops(net, batches)
-    finally:
-        for p, p0 in zip(logits, saved):
-            p.copy_(p0)
-
-
 class BudgetController:
+    """`energy_model` None: the budget is SOPs per sample; a model's name (model/energy_models.py):
+    the budget is pJ per sample under that model."""
+
     def __init__(self, budget: float, lambda_w: float, lambda_n: float, every: int = 10, lr: float = 0.5,
-                 tolerance: float = 0.05, ramp: float = 0.6):
+                 tolerance: float = 0.05, ramp: float = 0.6, energy_model: str | None = None):
+        key = "pruning.sop_budget" if energy_model is None else "pruning.energy_budget_pj"
         if budget <= 0:
-            raise ValueError(f"pruning.sop_budget must be > 0, got {budget}")
+            raise ValueError(f"{key} must be > 0, got {budget}")
+        if energy_model is not None:
+            named_model(energy_model)  # an unknown name fails here, not at the first measurement
+        self.energy_model = energy_model
         self.budget, self.every, self.lr, self.tolerance = float(budget), every, lr, tolerance
         self.ramp = ramp
         self.start_sops: float | None = None  # the dense network's, measured at the first observation
@@ -65,6 +56,29 @@ class BudgetController:
         self.lambda_w0 = lambda_w if lambda_w > 0 else base
         self.lambda_n0 = lambda_n if lambda_n > 0 else base
         self.last_sops: float | None = None
+
+    def measure(self, net, batches) -> dict[str, float]:
+        """SOPs (and, with an energy model, pJ) per sample of the hard masks, averaged over
+        ranks so every rank decides alike; "cost" is the budgeted one."""
+        report = measure_energy(net, batches)
+        out = {"sops": report.sops_per_sample}
+        if self.energy_model is not None:
+            out["energy_pj"] = report.model_energy_pj(self.energy_model)
+        out = reduce_scalars(out)
+        return {**out, "cost": out.get("energy_pj", out["sops"])}
+
+    @torch.no_grad()
+    def _dense_cost(self, net, batches) -> float:
+        """The budgeted cost of the same network with every mask kept (the logits restored after)."""
+        logits = mask_logits(net)
+        saved = [p.detach().clone() for p in logits]
+        try:
+            for p in logits:
+                p.fill_(1.0)
+            return self.measure(net, batches)["cost"]
+        finally:
+            for p, p0 in zip(logits, saved):
+                p.copy_(p0)
 
     def lambdas(self) -> tuple[float, float]:
         s = math.exp(self.log_scale)
@@ -86,8 +100,8 @@ class BudgetController:
         with the penalty. On the demo, lr 0.2 left the SOPs where a fixed lambda put them;
         lr 1 overshot (2e5 budget: the search ended at 9e4) and lost 2 points of accuracy."""
         if self.start_sops is None:
-            self.start_sops = _dense_sops(net, [(x,)])
-        sops = _sops(net, [(x,)])
+            self.start_sops = self._dense_cost(net, [(x,)])
+        sops = self.measure(net, [(x,)])["cost"]
         self.last_sops = sops
         self.log_scale += self.lr * max(-1.0, min(1.0, math.log(max(sops, 1e-9) / self.target(progress))))
         return sops
@@ -106,11 +120,13 @@ class BudgetController:
         the budget right before its validation."""
         logits = mask_logits(net)
         original = [p.detach().clone() for p in logits]
+        measured: dict[float, dict[str, float]] = {}
 
         def sops_at(tau: float) -> float:
             for p, p0 in zip(logits, original):
                 p.copy_(p0 - tau)
-            return _sops(net, batches)
+            measured[tau] = self.measure(net, batches)
+            return measured[tau]["cost"]
 
         def miss(s: float) -> float:
             return abs(math.log(max(s, 1e-9) / self.budget))
@@ -142,8 +158,11 @@ class BudgetController:
         tau, after = best
         overwrite_params(logits, [p0 - tau for p0 in original])
         self.last_sops = after
-        return {"budget_tau": tau, "budget_sops_before": before, "budget_sops_after": after,
-                "budget_calibration_iters": float(iters)}
+        found = {"budget_tau": tau, "budget_sops_before": measured[0.0]["sops"],
+                 "budget_sops_after": measured[tau]["sops"], "budget_calibration_iters": float(iters)}
+        if self.energy_model is not None:
+            found.update(budget_energy_pj_before=before, budget_energy_pj_after=after)
+        return found
 
     def state_dict(self) -> dict:
         return {"log_scale": self.log_scale, "last_sops": self.last_sops, "start_sops": self.start_sops}

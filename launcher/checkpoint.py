@@ -7,14 +7,25 @@ Layout under `<run_dir>/checkpoints/`:
         zero_pp_rank_*_optim_states.pt   DeepSpeed, ZeRO 1/2 only (one per rank)
         rng_rank00000.pt             ours: every rank's RNG states
         COMPLETE.json                ours, written last: step, TrainState, config, file sizes
+                                     and sha256 digests
     latest                           ours: the tag name (DeepSpeed's format), replaced atomically
 
 A crash at any moment leaves a usable checkpoint: DeepSpeed writes into `<tag>.partial/`,
 every rank fsyncs, rank 0 writes COMPLETE.json, renames the directory to `<tag>` and only
 then switches `latest` (temp file + os.replace). DeepSpeed's own `latest` is written in
-place, so it is turned off (save_latest=False). Resume discovery trusts only directories
-with COMPLETE.json whose files still have the recorded sizes and load; a damaged one is
-reported and skipped in favour of the previous complete one.
+place, so it is turned off (save_latest=False). Weights holding NaN or inf are never saved.
+
+What resume trusts (docs/RELIABILITY.md): the rename is the commit. Discovery considers
+`<tag>` directories with a COMPLETE.json, newest step first, and uses the first whose marker
+has its keys, whose files all have the recorded sizes and sha256 digests (checkpoints from
+before the digests: sizes only) and whose .pt files load; each damaged one is reported in one
+line and skipped. `<tag>.partial` is never trusted, marker or not: a kill between the marker
+and the rename leaves one, and the step is simply trained again. `<tag>.old` is the previous
+version of a tag that was being re-saved (moved aside just before the new one is renamed in):
+trusted only after `<tag>` itself, and the next save puts it back under its name. `latest` is
+a hint (ties, messages); a missing one or one naming a missing tag is reported, not obeyed.
+Discovery writes nothing (exporters read running runs); the writer (rank 0, which holds the
+run-dir lock, launcher/run_lock.py) tidies up at its next save.
 
 Nothing here unpickles arbitrary objects: DeepSpeed's loader is switched to
 torch.load(weights_only=True), with DeepSpeed's own few checkpoint classes allow-listed.
@@ -23,6 +34,7 @@ torch.load(weights_only=True), with DeepSpeed's own few checkpoint classes allow
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -43,6 +55,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from launcher.config import Config, to_dict
+from launcher.redact import redact
 from model.atomic import atomic_torch_save, atomic_write, fsync_path
 
 MARKER = "COMPLETE.json"
@@ -164,11 +177,34 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _read_marker(tag_dir: Path) -> dict | None:
+def _read_marker(tag_dir: Path) -> dict:
+    """COMPLETE.json of `tag_dir`, checked for the keys resume needs; CheckpointError if not.
+
+    The marker is written atomically with fsync, so one that does not parse or lacks a key
+    was damaged afterwards: reported, never silently taken for a half-written save."""
+    path = tag_dir / MARKER
     try:
-        return json.loads((tag_dir / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
+        marker = json.loads(path.read_text())
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {tag_dir} is incomplete (no readable {MARKER}: "
+                              f"{exc.strerror})") from None
+    except ValueError:
+        raise CheckpointError(f"checkpoint marker {path} is damaged (not JSON)") from None
+    problem = None
+    if not isinstance(marker, dict):
+        problem = "not a mapping"
+    elif missing := [k for k in ("state", "config", "world_size", "files") if k not in marker]:
+        problem = f"missing {', '.join(missing)}"
+    elif not isinstance(marker["state"], dict) or not isinstance(marker["state"].get("step"), int):
+        problem = "state has no step"
+    elif not isinstance(marker["files"], dict) or not all(
+            isinstance(v, int) for v in marker["files"].values()):
+        problem = "files is not a map of sizes"
+    elif unknown := set(marker["state"]) - {f.name for f in dataclasses.fields(TrainState)}:
+        problem = f"state has unknown fields {sorted(unknown)}"
+    if problem:
+        raise CheckpointError(f"checkpoint marker {path} is damaged ({problem})")
+    return marker
 
 
 def _read_latest(root: Path) -> str | None:
@@ -183,16 +219,28 @@ def _rng_file(rank: int) -> str:
     return f"rng_rank{rank:05d}.pt"
 
 
+def _sha256(path: Path) -> str:
+    # About 1 GB/s with SHA instructions: 0.57 s for a 565 MiB file that took 2.6 s to write
+    # and fsync (docs/RELIABILITY.md).
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _checkpoint(tag_dir: Path, marker: dict) -> Checkpoint:
+    return Checkpoint(path=tag_dir, tag=tag_dir.name, state=TrainState(**marker["state"]),
+                      config=marker["config"], world_size=int(marker["world_size"]))
+
+
 def open_checkpoint(tag_dir: str | os.PathLike) -> Checkpoint:
     """Validate one checkpoint directory; raise CheckpointError saying what is wrong.
 
-    Complete = COMPLETE.json present, every file it lists present with the recorded size,
-    and every .pt file loadable with weights_only=True (memory-mapped: cheap).
+    Complete = COMPLETE.json with its keys, every file it lists present with the recorded
+    size and sha256 digest (when recorded: older checkpoints have sizes only), and every .pt
+    file loadable with weights_only=True (memory-mapped: cheap).
     """
     tag_dir = Path(tag_dir)
     marker = _read_marker(tag_dir)
-    if marker is None:
-        raise CheckpointError(f"checkpoint {tag_dir} is incomplete (no readable {MARKER})")
+    digests = marker.get("sha256") or {}
     for name, size in marker["files"].items():
         f = tag_dir / name
         if not f.is_file():
@@ -200,6 +248,9 @@ def open_checkpoint(tag_dir: str | os.PathLike) -> Checkpoint:
         if f.stat().st_size != size:
             raise CheckpointError(f"checkpoint file {f} is truncated or altered "
                                   f"({f.stat().st_size} bytes, {size} expected)")
+        if name in digests and _sha256(f) != digests[name]:
+            raise CheckpointError(f"checkpoint file {f} is damaged (its sha256 differs from the "
+                                  f"one in {MARKER}; same size)")
     for name in marker["files"]:
         if name.endswith(".pt"):
             try:
@@ -207,55 +258,92 @@ def open_checkpoint(tag_dir: str | os.PathLike) -> Checkpoint:
             except Exception as exc:  # any unpickling/zip error means unusable
                 raise CheckpointError(f"checkpoint file {tag_dir / name} does not load: "
                                       f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
-    return Checkpoint(path=tag_dir, tag=tag_dir.name, state=TrainState(**marker["state"]),
-                      config=marker["config"], world_size=int(marker["world_size"]))
+    return _checkpoint(tag_dir, marker)
 
 
-def _find_resumable_local(root: Path) -> tuple[str | None, list[str]]:
-    """(tag of the newest usable checkpoint, problems with newer complete ones)."""
-    latest = _read_latest(root)
-    complete = []
+# Tag directories rank 0 found damaged in this process: they never count toward keep_last.
+_damaged: set[Path] = set()
+
+
+def _candidates(root: Path, latest: str | None) -> list[Path]:
+    """Committed checkpoint directories, the one to try first first."""
+    found = []
     for d in root.iterdir() if root.is_dir() else ():
-        marker = _read_marker(d) if d.is_dir() else None
-        if marker is not None:
-            # Newest step first; at equal steps `latest`'s target, then the last written.
-            complete.append((int(marker["state"]["step"]), d.name == latest,
-                             (d / MARKER).stat().st_mtime, d.name))
-    problems = []
-    for *_, tag in sorted(complete, reverse=True):
+        if not d.is_dir() or d.name.endswith(".partial") or not (d / MARKER).exists():
+            continue  # a save or a removal cut short: never committed
+        base = d.name.removesuffix(".old")
         try:
-            open_checkpoint(root / tag)
-            return tag, problems
+            step = _read_marker(d)["state"]["step"]
+        except CheckpointError:  # damaged: tried in its place by its name, reported then
+            m = _AUTO_TAG.match(base)
+            step = int(m.group(1)) if m else -1
+        try:
+            written = (d / MARKER).stat().st_mtime
+        except OSError:  # removed meanwhile by the run that writes here
+            continue
+        # Newest step first; a tag before its .old version; at equal steps `latest`'s target,
+        # then the last written.
+        found.append((step, d.name == base, base == latest, written, d.name))
+    return [root / name for *_, name in sorted(found, reverse=True)]
+
+
+def _find_resumable_local(root: Path) -> tuple[str | None, list[str], str | None]:
+    """(tag of the newest usable checkpoint, one-line notes for the user, why to refuse when
+    the tag is None although the directory held checkpoints)."""
+    latest = _read_latest(root)
+    notes: list[str] = []
+    problems: list[str] = []
+    for d in _candidates(root, latest):
+        try:
+            open_checkpoint(d)
         except CheckpointError as exc:
+            _damaged.add(d)
             problems.append(str(exc))
-    return None, problems
+            notes.append(f"skipping damaged checkpoint: {exc}")
+            continue
+        base = d.name.removesuffix(".old")
+        if d.name != base:
+            notes.append(f"checkpoint {root / base} was being replaced when the run stopped: "
+                         f"resuming from its previous version {d}")
+        if latest is None:
+            notes.append(f"{root / LATEST} is missing or empty: resuming from the newest verified "
+                         f"checkpoint {d}")
+        elif latest is not None and latest != base and not (root / latest / MARKER).exists():
+            notes.append(f"{root / LATEST} names {latest!r}, which is not a checkpoint in {root}: "
+                         f"resuming from the newest verified checkpoint {d}")
+        return d.name, notes, None
+    if problems:
+        return None, notes, f"no usable checkpoint in {root}: {problems[0]}"
+    if latest is not None:
+        return None, notes, (f"{root / LATEST} names {latest!r} but {root} holds no complete "
+                             f"checkpoint; move {root} away to start over")
+    return None, notes, None
 
 
 def find_resumable(run_dir: str | os.PathLike) -> Checkpoint | None:
     """The checkpoint to resume `run_dir` from, or None for a fresh start.
 
     Half-written saves are ignored silently; a complete checkpoint that is damaged is warned
-    about and skipped; if every complete checkpoint is damaged this raises CheckpointError
-    rather than silently starting over. Rank 0 decides and every rank gets the same answer.
+    about (one line) and skipped; if every complete checkpoint is damaged, or `latest` names
+    a checkpoint that is not there and none is, this raises CheckpointError rather than
+    silently starting over. Rank 0 decides and every rank gets the same answer.
     """
     root = Path(run_dir) / "checkpoints"
     rank, world = _rank_world()
-    decision: list[Any] = [None, []]
+    decision: list[Any] = [None, [], None]
     if rank == 0:
         decision = list(_find_resumable_local(root))
     if world > 1:
         dist.broadcast_object_list(decision, src=0)
-    tag, problems = decision
-    if tag is None and problems:
-        raise CheckpointError(f"no usable checkpoint in {root}: {problems[0]}")
-    for p in problems:
-        if rank == 0:
-            warnings.warn(f"skipping damaged checkpoint: {p}", stacklevel=2)
+    tag, notes, refusal = decision
+    if rank == 0:
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
+    if refusal is not None:
+        raise CheckpointError(refusal)
     if tag is None:
         return None
-    marker = _read_marker(root / tag)
-    return Checkpoint(path=root / tag, tag=tag, state=TrainState(**marker["state"]),
-                      config=marker["config"], world_size=int(marker["world_size"]))
+    return _checkpoint(root / tag, _read_marker(root / tag))
 
 
 def _remove_tag(tag_dir: Path) -> None:
@@ -264,11 +352,31 @@ def _remove_tag(tag_dir: Path) -> None:
     shutil.rmtree(tag_dir, ignore_errors=True)
 
 
-def _prune(root: Path, keep_last: int, current: str) -> None:
-    """Keep the newest `keep_last` step-tags; drop leftovers (`.partial`, `.old`) of earlier saves.
+def _usable(tag_dir: Path) -> bool:
+    """Cheap check for retention (marker and sizes; the digests were checked at discovery)."""
+    if tag_dir in _damaged:
+        return False
+    try:
+        marker = _read_marker(tag_dir)
+    except CheckpointError:
+        return False
+    return all((tag_dir / n).is_file() and (tag_dir / n).stat().st_size == size
+               for n, size in marker["files"].items())
 
-    Tags not named step<N> (e.g. "subnetwork") are kept: the loop pins them on purpose.
+
+def _prune(root: Path, keep_last: int, current: str) -> None:
+    """Keep the newest `keep_last` usable step-tags (`current` included); drop the rest.
+
+    Damaged checkpoints never count, so they never push out the newest good one. `<tag>.old`
+    whose `<tag>` is gone (a re-save cut short) is first put back under its name; other
+    leftovers (`.partial`, `.old`) of earlier saves are removed. Tags not named step<N>
+    (e.g. "subnetwork") are kept: the loop pins them on purpose.
     """
+    for d in list(root.iterdir()):
+        base = root / d.name.removesuffix(".old")
+        if d.is_dir() and d.name.endswith(".old") and base.name != current and not base.exists() \
+                and _usable(d):
+            os.rename(d, base)
     auto = []
     for d in root.iterdir():
         if not d.is_dir() or d.name == current:
@@ -276,13 +384,28 @@ def _prune(root: Path, keep_last: int, current: str) -> None:
         m = _AUTO_TAG.match(d.name)
         if d.name.endswith((".partial", ".old")):
             _remove_tag(d)
-        elif m and _read_marker(d) is not None:
+        elif m and _usable(d):
             auto.append((int(m.group(1)), d))
         elif m:
             _remove_tag(d)
     keep = max(0, keep_last - (1 if _AUTO_TAG.match(current) else 0))
     for _, d in sorted(auto, reverse=True)[keep:]:
         _remove_tag(d)
+
+
+def _first_non_finite(module: torch.nn.Module) -> str | None:
+    """Name of the first parameter (then buffer) holding NaN or inf, else None."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _write_failed(exc: BaseException, root: Path, partial: Path, rank: int) -> CheckpointError:
+    if rank == 0:
+        _remove_tag(partial)  # gives back the space a full disk needs
+    return CheckpointError(f"cannot write checkpoint {partial}: {type(exc).__name__}: {exc}".splitlines()[0]
+                           + f" (disk full or a file-size limit?); the checkpoints in {root} are kept")
 
 
 # --------------------------------------------------------------------------- save / load
@@ -292,35 +415,53 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, state: TrainState, cfg: 
     """Save `engine` + `state` as `<run_dir>/checkpoints/<tag>` crash-safely; all ranks call.
 
     DeepSpeed writes into `<tag>.partial`; once every rank's files are fsynced, rank 0 adds
-    COMPLETE.json, renames the directory to `<tag>` (an existing one is moved aside first,
-    so a re-saved tag is replaced, never half-overwritten) and switches `latest`.
-    tag defaults to step<state.step>; other names (e.g. "subnetwork") are never pruned by
-    keep_last. Returns the tag directory.
+    COMPLETE.json (sizes and sha256 digests), renames the directory to `<tag>` (an existing
+    one is moved aside first, so a re-saved tag is replaced, never half-overwritten) and
+    switches `latest`. tag defaults to step<state.step>; other names (e.g. "subnetwork") are
+    never pruned by keep_last. Returns the tag directory.
+
+    Refused with CheckpointError (one line; the checkpoints on disk stay as they are) when a
+    parameter or buffer holds NaN/inf, or when a write fails (disk full, a file-size limit:
+    CPython ignores SIGXFSZ, so the write fails instead of killing the process).
     """
     root = Path(run_dir) / "checkpoints"
     tag = tag or f"step{state.step:09d}"
     final, partial, old = root / tag, root / f"{tag}.partial", root / f"{tag}.old"
     rank, world = _rank_world()
+    # Parameters and buffers are equal on every rank (buffers: launcher.train.sync_buffers),
+    # so every rank refuses together.
+    bad = _first_non_finite(engine.module)
+    if bad is not None:
+        raise CheckpointError(f"not saving checkpoint {tag} at step {state.step}: {bad} holds NaN or "
+                              f"inf; the checkpoints in {root} are kept as they were")
 
     _barrier()  # nobody is still reading a directory rank 0 is about to remove
     if rank == 0 and partial.exists():
         _remove_tag(partial)
     _barrier()
     _use_weights_only_loader(engine)
-    client = {CLIENT_KEY: {"train_state": dataclasses.asdict(state), "config": to_dict(cfg)}}
-    engine.save_checkpoint(str(root), tag=partial.name, client_state=client, save_latest=False)
-    atomic_torch_save(capture_rng(), partial / _rng_file(rank), fsync=True)
-    # Each rank makes what it sees durable (its own shards included) before the marker.
-    for f in partial.iterdir():
-        if f.is_file():
-            fsync_path(f)
+    client = {CLIENT_KEY: {"train_state": dataclasses.asdict(state), "config": redact(to_dict(cfg))}}
+    try:
+        engine.save_checkpoint(str(root), tag=partial.name, client_state=client, save_latest=False)
+        atomic_torch_save(capture_rng(), partial / _rng_file(rank), fsync=True)
+        # Each rank makes what it sees durable (its own shards included) before the marker.
+        for f in partial.iterdir():
+            if f.is_file():
+                fsync_path(f)
+    except (OSError, RuntimeError) as exc:
+        raise _write_failed(exc, root, partial, rank) from None
     _barrier()
     if rank == 0:
-        files = {f.name: f.stat().st_size for f in sorted(partial.iterdir())
-                 if f.is_file() and f.name != MARKER and not f.name.startswith(".")}
+        names = [f.name for f in sorted(partial.iterdir())
+                 if f.is_file() and f.name != MARKER and not f.name.startswith(".")]
         marker = {"tag": tag, "world_size": world, "saved_at": time.time(),
-                  "state": dataclasses.asdict(state), "config": to_dict(cfg), "files": files}
-        atomic_write(partial / MARKER, json.dumps(marker, indent=1), fsync=True)
+                  "state": dataclasses.asdict(state), "config": redact(to_dict(cfg)),
+                  "files": {n: (partial / n).stat().st_size for n in names},
+                  "sha256": {n: _sha256(partial / n) for n in names}}
+        try:
+            atomic_write(partial / MARKER, json.dumps(marker, indent=1), fsync=True)
+        except OSError as exc:
+            raise _write_failed(exc, root, partial, rank) from None
         if final.exists():
             if old.exists():
                 _remove_tag(old)
@@ -330,6 +471,7 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, state: TrainState, cfg: 
         atomic_write(root / LATEST, tag, fsync=True)
         if old.exists():
             _remove_tag(old)
+        _damaged.discard(final)
         _prune(root, keep_last, current=tag)
     _barrier()
     return final

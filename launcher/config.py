@@ -24,6 +24,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import yaml
 
 from data_pipeline import DATASETS
+from launcher.redact import redact_text
 from model.atomic import atomic_write
 from model.registry import MODELS
 
@@ -85,6 +86,10 @@ class PruningConfig:
     prune_neurons: bool = True
     # Target SOPs per sample; when set, the lambdas adapt during the search to land on it.
     sop_budget: Optional[float] = field(default=None, metadata=checked("positive"))
+    # The hardware model the energy budget is priced under (docs/ENERGY.md, model/energy_models.py).
+    energy_model: Literal["horowitz45", "loihi", "spinnaker2", "lemaire"] = "horowitz45"
+    # Target pJ per sample under `energy_model`: budget mode on energy instead of SOPs.
+    energy_budget_pj: Optional[float] = field(default=None, metadata=checked("positive"))
     # Dense SOPs per sample for the energy ratio: a number, the MLflow run id of a dense run,
     # or the run directory of a finished dense run (its results.json).
     dense_reference: Union[float, str, None] = None
@@ -169,7 +174,8 @@ def as_float(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        # No setting means anything at inf or nan: one would train on NaN for epochs first.
+        return float(value) if math.isfinite(value) else None
     if isinstance(value, str) and value.strip().lower() not in _NUMBER_WORDS:
         try:
             out = float(value)
@@ -227,6 +233,8 @@ def _describe(tp: Any) -> str:
 def _validate_field(key: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
     if key == "deepspeed.precision" and value == "fp16":
         raise ConfigError("deepspeed.precision: fp16 is not supported (use bf16 or fp32)")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     ok, out = _coerce(value, tp)
     if not ok:
         raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
@@ -282,6 +290,8 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("pruning.prune_weights: with pruning.enabled, prune_weights or "
                           "prune_neurons must be true")
     p = cfg.pruning
+    if p.sop_budget is not None and p.energy_budget_pj is not None:
+        raise ConfigError("pruning.energy_budget_pj: set pruning.sop_budget or pruning.energy_budget_pj, not both")
     if p.magnitude_from is not None:
         needs = {"pruning.enabled": (p.enabled, True), "pruning.prune_weights": (p.prune_weights, True),
                  "pruning.prune_neurons": (p.prune_neurons, False), "pruning.search_epochs": (p.search_epochs, 0)}
@@ -289,9 +299,9 @@ def _cross_checks(cfg: Config) -> None:
             if value != wanted:
                 raise ConfigError(f"{key}: the magnitude baseline (pruning.magnitude_from) needs "
                                   f"{key}={str(wanted).lower()}, got {str(value).lower()}")
-        if p.sop_budget is None:
+        if p.sop_budget is None and p.energy_budget_pj is None:
             raise ConfigError("pruning.sop_budget: the magnitude baseline (pruning.magnitude_from) "
-                              "prunes onto a SOP budget: set one")
+                              "prunes onto a SOP budget (or pruning.energy_budget_pj): set one")
 
 
 # --------------------------------------------------------------------------- public API
@@ -308,8 +318,9 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def flatten(cfg: Config) -> dict[str, Any]:
-    """{"pruning.lambda_w": 1e-11, "seed": 0, ...}: one entry per leaf, for MLflow params."""
+def flatten(cfg: Config | dict) -> dict[str, Any]:
+    """{"pruning.lambda_w": 1e-11, "seed": 0, ...}: one entry per leaf, for MLflow params; of a
+    Config or of its nested dict form (as a checkpoint stores it)."""
     out: dict[str, Any] = {}
 
     def walk(d: dict, prefix: str) -> None:
@@ -319,7 +330,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
             else:
                 out[f"{prefix}{k}"] = v
 
-    walk(to_dict(cfg), "")
+    walk(cfg if isinstance(cfg, dict) else to_dict(cfg), "")
     return out
 
 
@@ -351,11 +362,15 @@ def read_yaml_with_overrides(path: str | os.PathLike | None, overrides: list[str
         if not p.is_file():
             raise ConfigError(f"{what} {str(p)!r} not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{what} {str(p)!r}: invalid YAML ({exc})".replace("\n", " ")) from None
+        # An empty file would otherwise start a full-default run (800 + 200 epochs).
+        if data is None:
+            raise ConfigError(f"{what} {str(p)!r} is empty; name at least the settings of the run")
         if not isinstance(data, dict):
-            raise ConfigError(f"{what} {str(p)!r}: expected a mapping at the top level")
+            raise ConfigError(f"{what} {str(p)!r}: expected a mapping at the top level, "
+                              f"got {type(data).__name__}")
     for text in overrides:
         parts, value = parse_override(text)
         node = data
@@ -376,7 +391,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 
 
 def config_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return redact_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # printed and saved: no password
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -1,8 +1,9 @@
-"""Preemption signals: SIGTERM / SIGUSR1 become a flag the training loop polls, and the exit
-codes a requeue wrapper reads after the checkpoint is saved."""
+"""Preemption signals: SIGTERM / SIGUSR1 (and Ctrl-C) become a flag the training loop polls,
+and the exit codes a requeue wrapper reads after the checkpoint is saved."""
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -13,7 +14,8 @@ import torch.distributed as dist
 # the job again; 143 is what a shell reports for a process ended by SIGTERM (128 + 15).
 EXIT_REQUEUE = 75
 EXIT_TERMINATED = 143
-_EXIT_CODES = {signal.SIGUSR1: EXIT_REQUEUE, signal.SIGTERM: EXIT_TERMINATED}
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it (128 + SIGINT)
+_EXIT_CODES = {signal.SIGUSR1: EXIT_REQUEUE, signal.SIGTERM: EXIT_TERMINATED, signal.SIGINT: EXIT_INTERRUPTED}
 
 
 class PreemptionHandler:
@@ -39,6 +41,12 @@ class PreemptionHandler:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            # A second Ctrl-C means "now": stop without the checkpoint (the previous one stays).
+            if self.received:
+                raise KeyboardInterrupt
+            # os.write, not print: a handler can run while print holds stdout's lock.
+            os.write(2, b"\nCtrl-C: saving a checkpoint after this step (Ctrl-C again: stop now)\n")
         self.received = max(self.received, signum)
 
     def install(self) -> "PreemptionHandler":

@@ -14,7 +14,12 @@ run continues the same MLflow run. Uploading is idempotent per (metric key, step
 connecting to an existing run its metric history is read and steps already there are
 skipped, so the loop may simply re-log everything after the checkpoint step, and a record
 uploaded twice (crash between upload and truncation) lands once. Consequence for callers:
-never log the same key twice at one step.
+never log the same key twice at one step. Under kill -9 at any moment nothing is lost or
+doubled: a record is in the file before it is sent, the file is emptied (atomically) only
+after all it held has landed, a torn last line is skipped (its step comes after the last
+checkpoint, so the resumed run logs it again), and a run created just before the kill, its
+id not saved yet, is found again by the key of its run record. One writer per run dir: the
+training run holds launcher/run_lock.py's lock, and the upload command takes it too.
 
 Store: `tracking.tracking_uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/mlruns.db`
 with artifacts in `mlartifacts/` beside the database. A fresh SQLite database is created
@@ -29,16 +34,20 @@ import json
 import os
 import sys
 import time
+import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from launcher.config import TrackingConfig
+from launcher.redact import is_redacted, redact, redact_text
+from launcher.run_lock import DirLock, DirLocked
 from model.atomic import atomic_write
 
 PENDING_FILE = "mlflow_pending.jsonl"
 RUN_ID_FILE = "mlflow_run_id"
+RUN_KEY_TAG = "spikeprune.run_key"  # set at creation from the pending run record
 FLUSH_EVERY_S = 5.0  # metric upload interval while the store is reachable
 HTTP_TIMEOUT_S = 10  # per request; MLflow's default is 120 s with 7 retries
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
@@ -177,20 +186,26 @@ class _Uploader:
             if header.get("parent_run_id"):
                 tags[MLFLOW_PARENT_RUN_ID] = header["parent_run_id"]
             exp_id = _experiment_id(client, self.uri, header["experiment"])
-            run = client.create_run(exp_id, run_name=header.get("run_name"), tags=tags)
+            # A kill between create_run and saving its id would leave the run behind and make
+            # a second one next time: the header's key finds it instead.
+            key = header.get("key")
+            found = client.search_runs([exp_id], f"tags.`{RUN_KEY_TAG}` = '{key}'",
+                                       max_results=1) if key else []
+            if key:
+                tags[RUN_KEY_TAG] = key
+            run = found[0] if found else client.create_run(exp_id, run_name=header.get("run_name"), tags=tags)
             self.run_id = run.info.run_id
             atomic_write(self.run_file, self.run_id)
-        else:
-            try:
-                run = client.get_run(self.run_id)
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-                raise TrackingUnavailable(f"run {self.run_id} (from {self.run_file}) is not in "
-                                          f"this store") from None
-            self._params = dict(run.data.params)
-            for key in run.data.metrics:
-                self._logged[key] = {m.step for m in client.get_metric_history(self.run_id, key)}
+        try:
+            run = client.get_run(self.run_id)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise TrackingUnavailable(f"run {self.run_id} (from {self.run_file}) is not in "
+                                      f"this store") from None
+        self._params = dict(run.data.params)
+        for key in run.data.metrics:
+            self._logged[key] = {m.step for m in client.get_metric_history(self.run_id, key)}
         self._client = client
 
     def disconnect(self) -> None:
@@ -266,7 +281,7 @@ class _Uploader:
             except MlflowException as exc:
                 if exc.error_code != "INVALID_PARAMETER_VALUE":
                     raise
-                warnings.warn(f"MLflow rejected a {kind} record and it is dropped: {exc}",
+                warnings.warn(redact_text(f"MLflow rejected a {kind} record and it is dropped: {exc}"),
                               stacklevel=2)
         send_metrics()
         atomic_write(self.pending, "")
@@ -285,7 +300,8 @@ class Tracker:
                  tags: dict[str, str] | None = None):
         self.cfg = cfg
         self.active = cfg.enabled and rank == 0
-        self.tracking_uri = resolve_tracking_uri(cfg)
+        uri = resolve_tracking_uri(cfg)
+        self.tracking_uri = redact_text(uri)  # what messages show; only the uploader has the password
         self.run_dir = Path(run_dir)
         self._warned = False
         self._next_try = 0.0
@@ -293,7 +309,7 @@ class Tracker:
             self._up = None
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._up = _Uploader(self.tracking_uri, self.run_dir)
+        self._up = _Uploader(uri, self.run_dir)
         self._end_torn_line()
         if run_id is not None:
             self._up.run_id = run_id
@@ -303,7 +319,8 @@ class Tracker:
         if resuming:
             self._append({"type": "status", "status": "RUNNING", "tracking_uri": self.tracking_uri})
         else:
-            self._append({"type": "run", "experiment": cfg.experiment, "run_name": cfg.run_name,
+            self._append({"type": "run", "key": uuid.uuid4().hex, "experiment": cfg.experiment,
+                          "run_name": cfg.run_name,
                           "parent_run_id": parent_run_id, "tags": tags or {},
                           "tracking_uri": self.tracking_uri})
         self.flush()
@@ -317,6 +334,10 @@ class Tracker:
     def online(self) -> bool:
         return self._up is not None and self._up._client is not None
 
+    def pending_records(self) -> int:
+        """Records kept in the pending file, not yet in the store (0 when inactive)."""
+        return len(self._up.read_records()) if self._up is not None else 0
+
     def _end_torn_line(self) -> None:
         """A crash mid-append leaves a line without its newline; end it so the next record
         does not merge with it (the torn record itself is skipped when read)."""
@@ -328,7 +349,7 @@ class Tracker:
 
     def _append(self, record: dict) -> None:
         with open(self._up.pending, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(redact(record)) + "\n")  # what is stored never holds a password
 
     def _tick(self, urgent: bool) -> None:
         if (urgent and self.online) or time.monotonic() >= self._next_try:
@@ -345,12 +366,12 @@ class Tracker:
             self._next_try = time.monotonic() + self.cfg.retry_every_s
             if not self._warned:
                 self._warned = True
-                warnings.warn(
+                warnings.warn(redact_text(
                     f"MLflow tracking at {self.tracking_uri} unavailable "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                     f"training continues, records are kept in {self._up.pending} and retried every "
                     f"{self.cfg.retry_every_s:g} s (or: python -m launcher.tracking upload "
-                    f"{self.run_dir})", stacklevel=2)
+                    f"{self.run_dir})"), stacklevel=2)
             return False
         if self._warned and n:
             print(f"MLflow tracking at {self.tracking_uri} reachable again: {n} records uploaded",
@@ -421,7 +442,7 @@ class Tracker:
         return self.flush()
 
     def ui_command(self, port: int = 5000) -> str:
-        """The command that shows this store in a browser (localhost only)."""
+        """The command that shows this store in a browser (localhost only; no password in it)."""
         if self.tracking_uri.startswith(("http://", "https://")):
             return f"open {self.tracking_uri}"
         return f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port {port}"
@@ -442,14 +463,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing pending in {run_dir / PENDING_FILE}")
         return 0
     recorded = next((r["tracking_uri"] for r in reversed(records) if r.get("tracking_uri")), None)
-    uploader.uri = resolve_tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri or recorded))
+    if is_redacted(recorded) and not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        print(f"the run's store {recorded} needs credentials, which are never stored: pass "
+              f"--tracking-uri URI (or set MLFLOW_TRACKING_URI)", file=sys.stderr)
+        return 2
+    uploader.uri = resolve_tracking_uri(TrackingConfig(
+        tracking_uri=args.tracking_uri or (None if is_redacted(recorded) else recorded)))
+    # A run still writing here uploads these records itself and empties the file after.
     try:
-        n = uploader.upload()
+        with DirLock(run_dir, "MLflow upload", "RUN_DIR"):
+            n = uploader.upload()
+    except DirLocked as exc:
+        print(f"upload refused: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
-        print(f"upload to {uploader.uri} failed: {type(exc).__name__}: {exc}".splitlines()[0],
+        print(redact_text(f"upload to {uploader.uri} failed: {type(exc).__name__}: {exc}").splitlines()[0],
               file=sys.stderr)
         return 1
-    print(f"uploaded {n} records to run {uploader.run_id} at {uploader.uri}")
+    print(f"uploaded {n} records to run {uploader.run_id} at {redact_text(uploader.uri)}")
     return 0
 
 

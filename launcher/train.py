@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import os
 import random
 import signal
 import sys
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,17 +36,24 @@ from launcher.config import Config, ConfigError, config_yaml, flatten, load_conf
 from launcher.distributed import barrier, is_primary, reduce_scalars, setup_distributed
 from launcher.ds_config import build_ds_config
 from launcher.optimizer import build_optimizer, freeze, overwrite_params, set_lr
-from launcher.preemption import PreemptionHandler
+from launcher.preemption import EXIT_INTERRUPTED, PreemptionHandler
+from launcher.run_lock import DirLock, DirLocked
 from launcher.progress import Progress
+from launcher.redact import redact_text
 from launcher.mask_histogram import mask_histogram_png
-from launcher.tracking import Tracker, resolve_tracking_uri
+from launcher.tracking import PENDING_FILE, Tracker, resolve_tracking_uri
 from model import build_model
 from model.atomic import atomic_torch_save
 from model.energy_count import measure_energy
+from model.energy_report import SAMPLE_MEANS, dense_energies
 from model.masks import (MaskError, mask_logits, mask_mode, save_masks, set_beta, set_mask_mode, weight_layers,
                          weight_params)
 from model.penalty import energy_penalty, penalty_terms
 from model.schedules import beta_at, lr_at
+
+
+class Diverged(RuntimeError):
+    """The loss became inf or NaN: the run stops before that state reaches a checkpoint."""
 
 
 class Preempted(Exception):
@@ -83,14 +93,14 @@ def seed_everything(seed: int) -> None:
 
 
 def ensure_demo_data(cfg: Config) -> None:
-    """The demo set is bundled offline (Debian's Fashion-MNIST): write it on first use."""
-    if cfg.data.dataset != "demo" or (Path(cfg.data.data_dir) / "train.beton").exists():
+    """The demo set is bundled offline (Debian's Fashion-MNIST): written on first use, and
+    again when an interrupted write left it incomplete (data_pipeline.images.ensure_demo)."""
+    from data_pipeline.images import demo_missing, ensure_demo
+
+    if cfg.data.dataset != "demo" or not demo_missing(cfg.data.data_dir):
         return
     if is_primary():
-        from data_pipeline.images import write_demo
-
-        print(f"writing the demo data set to {cfg.data.data_dir} (once)", flush=True)
-        write_demo(out_dir=cfg.data.data_dir, seed=cfg.data.seed)
+        ensure_demo(cfg.data.data_dir, seed=cfg.data.seed)
     barrier()
 
 
@@ -108,10 +118,19 @@ def dense_reference_sops(ref: float | str | None, tracking_uri: str) -> float | 
         run = mlflow.MlflowClient(tracking_uri).get_run(ref)
     except Exception as exc:
         raise ConfigError(f"pruning.dense_reference: MLflow run {ref!r} not found at "
-                          f"{tracking_uri} ({type(exc).__name__})") from None
+                          f"{redact_text(tracking_uri)} ({type(exc).__name__})") from None
     if "sops_per_sample" not in run.data.metrics:
         raise ConfigError(f"pruning.dense_reference: run {ref} has no sops_per_sample metric")
     return float(run.data.metrics["sops_per_sample"])
+
+
+def load_best_model(path: Path, device: torch.device) -> dict:
+    """The state dict in a run's best_model.pt, or a CheckpointError naming the file."""
+    try:
+        return safe_load(path, map_location=device)
+    except Exception as exc:  # truncated, not a torch file, or objects weights_only refuses
+        raise CheckpointError(f"{path} does not load ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def finished_results(run_dir: Path, key: str) -> dict:
@@ -129,7 +148,7 @@ def start_from_magnitude(ctx: Ctx, dense_dir: Path) -> None:
     budget calibration then picks tau so that the hard-mask SOPs land on the budget (the same
     calibration budget mode uses), and the subnetwork is hardened and fine-tuned as any other."""
     net = ctx.net
-    dense = safe_load(dense_dir / "best_model.pt", map_location=ctx.device)
+    dense = load_best_model(dense_dir / "best_model.pt", ctx.device)
     layers = [(n, m) for n, m in weight_layers(net) if m.logits is not None]
     own = net.state_dict()
     if set(dense) != set(own) - {f"{n}.logits" for n, _ in layers}:
@@ -174,7 +193,7 @@ def energy_on(ctx: Ctx, split: str, dense_sops: float | None, limit: int | None 
     shard, per-layer sums are reduced so every rank holds the report of the whole split."""
     report = measure_energy(ctx.net, ((x.to(ctx.device, ctx.dtype), y) for x, y in ctx.loaders[split]),
                             max_batches=limit, dense_reference_sops=dense_sops)
-    fields, n = ("sops_per_sample", "macs_per_sample", "firing_rate"), report.samples
+    fields, n = SAMPLE_MEANS, report.samples
     sums = reduce_scalars({"n": n, **{f"{i}.{f}": (getattr(row, f) or 0.0) * n
                                       for i, row in enumerate(report.layers) for f in fields}}, op="sum")
     for i, row in enumerate(report.layers):
@@ -206,7 +225,7 @@ def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
     # (sum of train_loss, steps) of this epoch: in the state, so a resumed epoch reports it whole.
     if state.batch_in_epoch == 0:
         state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
-    step_loss = 0.0
+    step_loss, bad_loss = 0.0, False
     bar = ctx.progress(phase, epoch, ctx.steps_per_epoch, state.batch_in_epoch // cfg.optim.grad_accum)
     for i, (x, y) in enumerate(loader if state.batch_in_epoch < micro_per_epoch else ()):
         if i < state.batch_in_epoch:
@@ -238,6 +257,7 @@ def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
         engine.step()
         state.batch_in_epoch = i + 1
         step_loss += task.item() / cfg.optim.grad_accum
+        bad_loss = bad_loss or not math.isfinite(loss.item())
         if not boundary:
             continue
         state.step += 1
@@ -246,12 +266,20 @@ def run_epoch(ctx: Ctx, phase: str, epoch: int, total_steps: int) -> float:
             state.search_step += 1
             if ctx.budget and state.search_step % ctx.budget.every == 0:
                 progress = state.search_step / max(total_steps, 1)
-                metrics["budget_sops"] = ctx.last_sops = ctx.budget.observe(net, x.to(ctx.device, ctx.dtype),
-                                                                            progress)
+                cost = ctx.budget.observe(net, x.to(ctx.device, ctx.dtype), progress)
+                if ctx.budget.energy_model is None:
+                    metrics["budget_sops"] = ctx.last_sops = cost
+                else:  # pJ per sample under pruning.energy_model
+                    metrics["budget_energy_pj"] = cost
                 metrics["budget_target"] = ctx.budget.target(progress)
         # The loss of the global batch: mean over micro-batches and ranks (one small all-reduce).
-        metrics["train_loss"] = reduce_scalars({"loss": step_loss})["loss"]
-        step_loss = 0.0
+        reduced = reduce_scalars({"loss": step_loss, "bad": float(bad_loss)})
+        if reduced["bad"] > 0 or not math.isfinite(reduced["loss"]):
+            raise Diverged(f"the loss is not finite at step {state.step} ({phase} epoch {epoch + 1}); stopped "
+                           f"without saving this state, the checkpoints in {cfg.checkpoint.run_dir} are kept "
+                           f"(lower optim.lr or the lambdas, or resume from the last one)")
+        metrics["train_loss"] = reduced["loss"]
+        step_loss, bad_loss = 0.0, False
         state.epoch_loss_sum += metrics["train_loss"]
         state.epoch_loss_steps += 1
         ctx.tracker.log_metrics(metrics, step=state.step)
@@ -340,7 +368,7 @@ def run_phase(ctx: Ctx, phase: str) -> None:
 
 
 def calibrate_budget(ctx: Ctx) -> None:
-    """Budget mode: put the hard-mask SOPs on the budget (launcher.budget.calibrate), measured on
+    """Budget mode: put the hard-mask SOPs (or energy) on the budget (launcher.budget.calibrate), measured on
     the validation batches that also select the checkpoint (at most 16 of them)."""
     n = min(ctx.cfg.eval_batches_limit or 16, 16)
     # Cloned: FFCV refills a batch's buffer a few batches later (data_pipeline.loaders).
@@ -348,7 +376,9 @@ def calibrate_budget(ctx: Ctx) -> None:
     found = ctx.budget.calibrate(ctx.net, batches)
     ctx.tracker.log_metrics(found, step=ctx.state.step)
     if is_primary():
-        print(f"[budget] SOPs/sample {found['budget_sops_before']:.4g} -> {found['budget_sops_after']:.4g} "
+        unit = "sops" if ctx.budget.energy_model is None else "energy_pj"
+        name = "SOPs/sample" if unit == "sops" else f"pJ/sample ({ctx.budget.energy_model})"
+        print(f"[budget] {name} {found[f'budget_{unit}_before']:.4g} -> {found[f'budget_{unit}_after']:.4g} "
               f"(budget {ctx.budget.budget:.4g}, logit shift {found['budget_tau']:.3g})", flush=True)
 
 
@@ -378,13 +408,88 @@ def write_mask_artifacts(ctx: Ctx) -> None:
         ctx.tracker.log_artifact(run_dir / "mask_histograms.png")
 
 
+# Keys that change how a run is executed or logged, not what it computes: free on resume.
+RESUME_FREE = ("data.data_dir", "data.num_workers", "data.os_cache", "checkpoint.run_dir",
+               "checkpoint.every_steps", "checkpoint.keep_last", "tracking.")
+# Keys a resumed run can never take new values for: the parameters' shapes, the data order or
+# the resume position (micro-batches into the epoch) depend on them.
+RESUME_FIXED = ("data.dataset", "data.batch_size", "data.order", "data.seed", "data.image_size", "model.",
+                "pruning.enabled", "pruning.prune_weights", "pruning.prune_neurons", "optim.grad_accum",
+                "optim.weight_optimizer", "deepspeed.", "seed", "steps_per_epoch_limit")
+
+
+def _matches(key: str, names: tuple[str, ...]) -> bool:
+    return any(key == n or (n.endswith(".") and key.startswith(n)) for n in names)
+
+
+def check_resume_config(cfg: Config, ckpt, allow_changed: tuple[str, ...]) -> dict[str, tuple]:
+    """{key: (checkpoint's value, new value)} of the accepted changes; a ConfigError naming the
+    keys when the new config differs from the checkpoint's in any other key.
+
+    Resuming with, say, another lambda would silently mix two experiments under one MLflow run
+    (its params keep the old values); another batch size would reuse the resume position with
+    another meaning. Keys in RESUME_FREE may change; others only when named in `allow_changed`
+    (`--allow-changed` on the command line), and RESUME_FIXED keys never.
+    """
+    new = flatten(cfg)
+    # Defaults first: a checkpoint of an older version lacks the keys added since.
+    old = {**flatten(Config()), **flatten(ckpt.config)}
+    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and not _matches(k, RESUME_FREE)}
+    unknown = [k for k in allow_changed if k not in new]
+    if unknown:
+        raise ConfigError(f"--allow-changed: unknown config key {unknown[0]!r}")
+    fixed = [k for k in diff if _matches(k, RESUME_FIXED)]
+    refused = [k for k in diff if k in fixed or k not in allow_changed]
+    if refused:
+        what = ", ".join(f"{k} ({diff[k][0]!r} -> {diff[k][1]!r})" for k in refused)
+        hint = (f"{', '.join(fixed)} cannot change on resume" if fixed else
+                f"or pass --allow-changed {','.join(refused)} to resume with the new values")
+        raise ConfigError(f"resuming {ckpt.path}: the config differs from the checkpoint's in {what}; "
+                          f"start a new checkpoint.run_dir ({hint})")
+    if diff and is_primary():
+        print("resuming with changed config: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()),
+              flush=True)
+    return diff
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create `run_dir` and prove it writable: one line now, not a traceback at the first checkpoint."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"checkpoint.run_dir: {run_dir} is a file, not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"checkpoint.run_dir: cannot write to {run_dir} ({exc.strerror or exc})") from None
+
+
+def print_finished(run_dir: Path) -> dict:
+    """A finished run started again: its results, printed and returned, nothing trained."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        line = (f"test_top1={results['test_top1']:.4g} sops_per_sample={results['sops_per_sample']:.4g} "
+                f"(test split, {int(results['test_samples'])} samples)")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{run_dir} finished, but its results.json is unreadable "
+                              f"({type(exc).__name__}: {exc}); delete the run dir to train again") from None
+    if is_primary():
+        print(f"{run_dir} has finished already: {line}; results in {run_dir / 'results.json'}", flush=True)
+    return results
+
+
 def final_report(ctx: Ctx) -> dict:
     """Best fine-tune epoch (chosen on validation) -> one test evaluation + energy report."""
     cfg, run_dir = ctx.cfg, Path(ctx.cfg.checkpoint.run_dir)
     best_path = run_dir / "best_model.pt"
     barrier()
     if best_path.exists():
-        ctx.net.load_state_dict(safe_load(best_path, map_location=ctx.device))
+        best = load_best_model(best_path, ctx.device)
+        try:
+            ctx.net.load_state_dict(best)
+        except RuntimeError:  # torch lists every key: too long for one line
+            raise CheckpointError(f"{best_path} does not fit this run's network (other keys or shapes)") from None
     elif is_primary():  # no fine-tuning to select from: the reported model is the last one
         atomic_torch_save(ctx.net.state_dict(), best_path, fsync=True)
     mode = "hard" if cfg.pruning.enabled else "off"
@@ -393,6 +498,9 @@ def final_report(ctx: Ctx) -> dict:
     # Always the whole test split: `eval_batches_limit` caps only the validation passes.
     test = evaluate(ctx, "test", mode)
     report = energy_on(ctx, "test", ctx.dense_sops)
+    ref = cfg.pruning.dense_reference
+    if isinstance(ref, str) and Path(ref).is_dir():  # a finished dense run: its energy under each model
+        report.dense_reference_pj = dense_energies(finished_results(Path(ref), "pruning.dense_reference"))
     results = {"test_top1": test["top1"], "test_top5": test["top5"], "test_samples": test["n"],
                "best_val_top1": ctx.state.best_val_top1, "best_epoch": ctx.state.best_epoch,
                **report.metrics()}
@@ -416,31 +524,33 @@ def final_report(ctx: Ctx) -> dict:
 
 
 def train(cfg: Config, reporter: Callable[[dict], None] | None = None, local_rank: int | None = None,
-          parent_run_id: str | None = None) -> dict:
+          parent_run_id: str | None = None, allow_changed: tuple[str, ...] = ()) -> dict:
     """The whole learning process; returns the final metrics (tuning/ calls this directly,
-    `reporter` receiving every epoch's metrics, `parent_run_id` nesting the MLflow run)."""
+    `reporter` receiving every epoch's metrics, `parent_run_id` nesting the MLflow run).
+    `allow_changed`: config keys a resumed run may take new values for (check_resume_config)."""
     # Installed first: a SIGUSR1/SIGTERM during the set-up (engine, loaders: tens of seconds)
     # is acted on at the first step instead of killing the process without a checkpoint.
     # Signal handlers can only be set from the main thread (not in a Ray Tune worker thread).
-    signals = (signal.SIGTERM, signal.SIGUSR1) if threading.current_thread() is threading.main_thread() else ()
-    with PreemptionHandler(signals) as stop:
-        return _train(cfg, stop, reporter, local_rank, parent_run_id)
+    # Ctrl-C saves too; a second Ctrl-C stops at once.
+    signals = ((signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+               if threading.current_thread() is threading.main_thread() else ())
+    with PreemptionHandler(signals) as stop, ExitStack() as held:
+        return _train(cfg, stop, held, reporter, local_rank, parent_run_id, tuple(allow_changed))
 
 
-def _train(cfg: Config, stop: PreemptionHandler, reporter: Callable[[dict], None] | None,
-           local_rank: int | None, parent_run_id: str | None) -> dict:
+def _train(cfg: Config, stop: PreemptionHandler, held: ExitStack, reporter: Callable[[dict], None] | None,
+           local_rank: int | None, parent_run_id: str | None, allow_changed: tuple[str, ...]) -> dict:
     import deepspeed
 
     info = setup_distributed(local_rank)
     seed_everything(cfg.seed)
     p, run_dir = cfg.pruning, Path(cfg.checkpoint.run_dir)
-    # Everything that can fail on a wrong input fails here, before the MLflow run is created.
+    # Everything that can fail on a wrong input fails here, before anything is written into the
+    # run directory or an MLflow run is created.
     dense_sops = dense_reference_sops(p.dense_reference, resolve_tracking_uri(cfg.tracking))
     if p.magnitude_from is not None:
         finished_results(Path(p.magnitude_from), "pruning.magnitude_from")
-    if is_primary():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        load_best_model(Path(p.magnitude_from) / "best_model.pt", torch.device("cpu"))
     ensure_demo_data(cfg)
     loaders = make_loaders(cfg.data.dataset, cfg.data.data_dir, batch_size=cfg.data.batch_size,
                            num_workers=cfg.data.num_workers, order=cfg.data.order, os_cache=cfg.data.os_cache,
@@ -455,10 +565,27 @@ def _train(cfg: Config, stop: PreemptionHandler, reporter: Callable[[dict], None
     if steps_per_epoch == 0:
         raise DataError(f"{cfg.data.data_dir}/train.beton gives {batches} batches per rank: fewer than "
                         f"grad_accum={cfg.optim.grad_accum}; lower data.batch_size")
-
-    net = build_model(cfg.model.name, num_classes=cfg.model.num_classes, T=cfg.model.T,
-                      width=cfg.model.width, input_size=cfg.model.input_size,
-                      weight_masks=p.enabled and p.prune_weights, neuron_masks=p.enabled and p.prune_neurons)
+    try:
+        net = build_model(cfg.model.name, num_classes=cfg.model.num_classes, T=cfg.model.T,
+                          width=cfg.model.width, input_size=cfg.model.input_size,
+                          weight_masks=p.enabled and p.prune_weights, neuron_masks=p.enabled and p.prune_neurons)
+    except ValueError as exc:  # a width that leaves no channels, an input size the net cannot take
+        raise ConfigError(f"model: {exc}") from None
+    ckpt, changed = find_resumable(run_dir), {}
+    if ckpt is not None:
+        changed = check_resume_config(cfg, ckpt, allow_changed)
+    finished = ckpt is not None and ckpt.state.phase == "done"
+    if is_primary():
+        prepare_run_dir(run_dir)
+        # One writer per run dir (two lose each other's MLflow records); held until train() ends.
+        held.enter_context(DirLock(run_dir, "training run", "checkpoint.run_dir"))
+        if not finished:
+            save_config(cfg, run_dir / "config.yaml")
+    if finished:
+        # A kill after the final save can leave the MLflow run RUNNING, records still pending.
+        finish_tracking(Tracker(cfg.tracking, info.rank, run_dir, run_id=ckpt.state.mlflow_run_id,
+                                parent_run_id=parent_run_id), "FINISHED")
+        return print_finished(run_dir)
     if not p.enabled:
         set_mask_mode(net, "off")
     optimizer = build_optimizer(mask_logits(net), weight_params(net), cfg)
@@ -468,7 +595,6 @@ def _train(cfg: Config, stop: PreemptionHandler, reporter: Callable[[dict], None
 
     first = "search" if p.search_epochs > 0 else "finetune"
     state = TrainState(phase=first if p.enabled else "dense")
-    ckpt = find_resumable(run_dir)
     if ckpt is not None:
         state = load_checkpoint(engine, ckpt)
         if is_primary():
@@ -476,14 +602,19 @@ def _train(cfg: Config, stop: PreemptionHandler, reporter: Callable[[dict], None
                   flush=True)
     tracker = Tracker(cfg.tracking, info.rank, run_dir, run_id=state.mlflow_run_id,
                       parent_run_id=parent_run_id)
+    if ckpt is not None and changed:
+        # MLflow params cannot change: the new values are logged beside the old, named by step
+        # (MLflow keys allow "/", not "@").
+        tracker.log_params({f"{k}/step{state.step}": v for k, (_, v) in changed.items()})
     if ckpt is None:
         tracker.log_params(flatten(cfg))
         for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
             tracker.log_dataset(Path(cfg.data.data_dir) / f"{split}.beton", f"{cfg.data.dataset}/{split}",
                                 context, loaders[split].reader.num_samples)
     budget = None
-    if p.enabled and p.sop_budget is not None:
-        budget = BudgetController(p.sop_budget, p.lambda_w, p.lambda_n)
+    if p.enabled and (p.sop_budget is not None or p.energy_budget_pj is not None):
+        budget = (BudgetController(p.sop_budget, p.lambda_w, p.lambda_n) if p.sop_budget is not None else
+                  BudgetController(p.energy_budget_pj, p.lambda_w, p.lambda_n, energy_model=p.energy_model))
         if state.budget is not None:
             budget.load_state_dict(state.budget)
     if is_primary():
@@ -512,18 +643,24 @@ def _train(cfg: Config, stop: PreemptionHandler, reporter: Callable[[dict], None
             run_phase(ctx, "finetune")
         elif state.phase == "dense":
             run_phase(ctx, "dense")
-        if state.phase in ("finetune", "dense"):
-            results = final_report(ctx)
-        else:  # started again after it had finished
-            results = json.loads((run_dir / "results.json").read_text())
+        results = final_report(ctx)
     except (Preempted, KeyboardInterrupt):
-        tracker.finish("KILLED")
+        finish_tracking(tracker, "KILLED")
         raise
     except Exception:
-        tracker.finish("FAILED")
+        finish_tracking(tracker, "FAILED")
         raise
-    tracker.finish()
+    finish_tracking(tracker, "FINISHED")
     return results
+
+
+def finish_tracking(tracker: Tracker, status: str) -> None:
+    """Close the MLflow run; when the store stayed unreachable, the last lines say what is kept."""
+    if tracker.finish(status) or not is_primary():
+        return
+    print(f"MLflow at {tracker.tracking_uri} stayed unreachable: {tracker.pending_records()} records are "
+          f"pending in {tracker.run_dir / PENDING_FILE}; send them with: "
+          f"python -m launcher.tracking upload {tracker.run_dir}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,17 +668,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML file under configs/")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher")
+    parser.add_argument("--allow-changed", default="", metavar="KEY,KEY",
+                        help="config keys a resumed run may take new values for (e.g. pruning.finetune_epochs)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides
     try:
         cfg = load_config(args.config, args.overrides)
-        train(cfg, local_rank=args.local_rank)
+        train(cfg, local_rank=args.local_rank,
+              allow_changed=tuple(k.strip() for k in args.allow_changed.split(",") if k.strip()))
     except Preempted as p:
         print(str(p), file=sys.stderr, flush=True)
         return p.exit_code
-    except (ConfigError, DataError, CheckpointError, MaskError) as e:
+    except (ConfigError, DataError, CheckpointError, MaskError, DirLocked) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: stopped without a checkpoint; starting the same command again resumes "
+              "from the last one", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except OSError as e:  # disk full, run dir removed or made unwritable mid-run
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -1,11 +1,15 @@
-"""Exact SOP counting (docs/METHOD.md §5): SOPs per sample, firing rates, first-layer MACs.
+"""Exact counting (docs/METHOD.md §5, docs/ENERGY.md): SOPs, synaptic events, spikes, neuron
+updates and first-layer MACs per sample, and firing rates.
 
 SOPs of a counted layer = sum over t, n, inputs i and kept post-neurons j of
 input_i[t, n] * keep_w(i -> j). Running a second (0/1-kernel) conv per batch would double the
 cost of an eval pass, so `SOPCounter` only accumulates each counted layer's input summed over
 (T*N) slices, a [C, H, W] or [F] tensor, and at report time takes its dot product with a
 static fan-out map: the number of kept synapses from each input position to kept
-post-neurons. The sum is linear in the input, so the two orders give the same number.
+post-neurons. The sum is linear in the input, so the two orders give the same number. The
+synaptic events (a nonzero input times its kept fan-out, whatever its value) and the graded
+ones (inputs neither 0 nor 1: SEW sums, pooled averages) are the same dot product with the
+summed maps of nonzero and of graded inputs.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from model.energy_report import PJ_PER_MAC, PJ_PER_SOP, EnergyReport, LayerReport
 from model.masks import (MaskedConv2d, MaskedLinear, MaskError, keep_ratios, mask_mode,
                          masked_modules, weight_layers)
+from model.neurons import MultiStepIF
 from model.structure import connectivity
 
 
@@ -79,7 +84,8 @@ def _post_keep(layer: MaskedConv2d | MaskedLinear, owner: nn.Module) -> torch.Te
 
 
 class SOPCounter:
-    """Counts SOPs, firing rates and first-layer MACs of eval passes run inside `with`.
+    """Counts SOPs, synaptic events, spikes, neuron updates, firing rates and first-layer MACs
+    of eval passes run inside `with`.
 
     Masks must be hard (or off, for a dense reference): soft gates have no exact SOP count.
     The masks' structure is read once on entry; per batch, each counted layer only adds its
@@ -104,6 +110,8 @@ class SOPCounter:
                             "call masks.set_mask_mode(net, 'hard') first")
         self.samples = 0
         self._inputs: dict[str, torch.Tensor] = {}
+        self._nonzero: dict[str, torch.Tensor] = {}
+        self._graded: dict[str, torch.Tensor] = {}
         self._slices: dict[str, int] = {}
         self._spikes: dict[str, torch.Tensor] = {}
         self._elements: dict[str, int] = {}
@@ -148,11 +156,15 @@ class SOPCounter:
             if getattr(owner, "neuron", None) is not None:
                 self._rate_of[name] = owner_name
                 self._blocks[owner_name] = owner
+            in_elements = (layer.in_features if isinstance(layer, MaskedLinear)
+                           else layer.in_channels * layer.in_hw[0] * layer.in_hw[1])
             self._layers.append(dict(
                 name=name, kind=layer_kind(layer), counted=layer.counted,
                 kept_weights=int(layer.keep().sum()), total_weights=layer.weight.numel(),
                 kept_neurons=int(post_keep.sum()), total_neurons=post_keep.numel(),
-                live_connections=live[name], dense_connections=conn.dense[name]))
+                live_connections=live[name], dense_connections=conn.dense[name],
+                input_elements=in_elements,
+                leaky=getattr(owner, "neuron", None) is not None and not isinstance(owner.neuron, MultiStepIF)))
 
     def _count_samples(self, module, args) -> None:
         self.samples += args[0].shape[0]
@@ -164,13 +176,21 @@ class SOPCounter:
             x = args[0].detach()
             # per batch, float32 holds spike counts exactly (up to 2^24 per position); across
             # a whole eval set the float64 accumulator does
-            s = x.sum(tuple(range(x.dim() - feature_dims)), dtype=_sum_dtype(x))
-            acc = self._inputs.get(name)
-            self._inputs[name] = s.double() if acc is None else acc.add_(s)
+            dims = tuple(range(x.dim() - feature_dims))
+            s = x.sum(dims, dtype=_sum_dtype(x))
+            self._accumulate(self._inputs, name, s)
+            nonzero = x != 0
+            self._accumulate(self._nonzero, name, nonzero.sum(dims, dtype=torch.float32))
+            self._accumulate(self._graded, name, (nonzero & (x != 1)).sum(dims, dtype=torch.float32))
             if self._pending is not None and _same_memory(x, self._pending[1]):
                 self._add_spikes(self._pending[0], s.sum())
                 self._pending = None
         return hook
+
+    @staticmethod
+    def _accumulate(into: dict[str, torch.Tensor], name: str, s: torch.Tensor) -> None:
+        acc = into.get(name)
+        into[name] = s.double() if acc is None else acc.add_(s)
 
     def _count_slices(self, name: str):
         def hook(module, args):
@@ -203,20 +223,32 @@ class SOPCounter:
         rows = []
         for row in self._layers:
             name = row["name"]
-            sops = macs = 0.0
+            sops = macs = dense_macs = events = graded = input_events = 0.0
             if name in self._fanout and name in self._inputs:
                 acc, fan = self._inputs[name].cpu(), self._fanout[name]
                 if acc.shape != fan.shape:
                     raise ValueError(f"{name} saw inputs of shape {tuple(acc.shape)} per slice, the "
                                      f"net's structure (input_shape) gives {tuple(fan.shape)}")
                 sops = float((acc * fan).sum()) / self.samples
+                nonzero = self._nonzero[name].cpu()
+                events = float((nonzero * fan).sum()) / self.samples
+                graded = float((self._graded[name].cpu() * fan).sum()) / self.samples
+                input_events = float(nonzero.sum()) / self.samples
             if name in self._first:
                 macs = row["live_connections"] * self._slices.get(name, 0) / self.samples
+                dense_macs = row["dense_connections"] * self._slices.get(name, 0) / self.samples
             block = self._rate_of.get(name)
-            rate = None
+            rate, spikes, updates = None, 0.0, 0.0
             if block is not None and self._elements.get(block):
                 rate = float(self._spikes[block].cpu()) / self._elements[block]
-            rows.append(LayerReport(sops_per_sample=sops, macs_per_sample=macs, firing_rate=rate, **row))
+                spikes = float(self._spikes[block].cpu()) / self.samples
+                updates = self._elements[block] / self.samples
+            rows.append(LayerReport(
+                sops_per_sample=sops, macs_per_sample=macs, firing_rate=rate, synaptic_events_per_sample=events,
+                graded_events_per_sample=graded, input_events_per_sample=input_events,
+                spikes_per_sample=spikes, neuron_updates_per_sample=updates,
+                live_neuron_updates_per_sample=updates * row["kept_neurons"] / row["total_neurons"],
+                dense_macs_per_sample=dense_macs, **row))
         return EnergyReport(layers=rows, samples=self.samples, weight_keep=self.weight_keep,
                             neuron_keep=self.neuron_keep, dense_reference_sops=dense_reference_sops,
                             pj_per_sop=pj_per_sop, pj_per_mac=pj_per_mac)

@@ -18,8 +18,10 @@
 #   CONFIG               sweep config if no --config is given (default: configs/sweep_cifar10.yaml)
 #   JOB_DIR              Ray's session files and logs (default: runs/ray-<job id>)
 #   RAY_PORT             the head's GCS port (default: 6379 + job id % 1000)
-#   RAY_AUTH_TOKEN       cluster token (Ray 2.60 enables token auth; default: a fresh random
+#   RAY_AUTH_TOKEN       cluster token (token auth is always on; default: a fresh random
 #                        token for this job, exported to every step, never written to disk)
+# Exposure: on one node every Ray server listens on 127.0.0.1 only; with more, the head
+# listens on its node's address (the others must reach it), behind the token.
 #   MLFLOW_TRACKING_URI  an MLflow server for the sweep (several nodes write to it); unset: the
 #                        training config's store (SQLite under the repository)
 #   PYTHON, SPIKEPRUNE_DIR   as in slurm/imagenet.sh
@@ -74,9 +76,16 @@ fi
 
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 head_node=${nodes[0]}
-# The node's address as the other nodes reach it (DNS, else the NodeAddr slurmctld knows).
-head_ip=$("$PYTHON" -c "from launcher.distributed import resolve_host; print(resolve_host('$head_node'))") \
-    || die "cannot resolve the address of $head_node"
+if (( ${#nodes[@]} == 1 )); then
+    # One node: nobody outside it needs the cluster, so every Ray server listens on 127.0.0.1
+    # only (Ray's "no cluster" switch, also read by the driver; docs/STACK.md).
+    export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-0}
+    head_ip=127.0.0.1
+else
+    # The node's address as the other nodes reach it (DNS, else the NodeAddr slurmctld knows).
+    head_ip=$("$PYTHON" -c "from launcher.distributed import resolve_host; print(resolve_host('$head_node'))") \
+        || die "cannot resolve the address of $head_node"
+fi
 address=$head_ip:$RAY_PORT
 log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: Ray head on $head_node ($address), ${#nodes[@]} node(s), $CPUS CPUs and $GPUS GPUs each"
 

@@ -1,6 +1,7 @@
 """Budget mode's controller on a real (small) network: calibration lands in its band and keeps
 the "kept iff alpha > 0" rule; observation steers lambda the right way.
-The end-to-end landing on the demo data is tests/test_sweep.py::test_budget_mode_lands_within_ten_percent."""
+The end-to-end landing on the demo data is tests/test_sweep.py::test_budget_mode_lands_within_ten_percent
+(SOPs) and tests/test_energy_models.py::test_energy_budget_run_lands_within_ten_percent (energy)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,43 @@ def test_observe_moves_lambda_towards_the_budget(batches):
         again = BudgetController(budget, 2e-11, 1e-11)
         again.load_state_dict(ctl.state_dict())
         assert again.lambdas() == ctl.lambdas()
+
+
+def test_calibrate_lands_an_energy_budget_under_a_named_model(batches):
+    """Energy mode: the same calibration, measuring pJ per sample under `loihi` (SOPs and neuron
+    updates priced), lands in its band; the SOPs of the same measurements are reported beside."""
+    net = small_net()
+    set_logits(net, fill=1.0)
+    dense = measure_energy(net, batches)
+    floor_net = small_net()
+    set_logits(floor_net, fill=-1.0)
+    floor = measure_energy(floor_net, batches).model_energy_pj("loihi")  # what no mask removes
+    budget = floor + 0.3 * (dense.model_energy_pj("loihi") - floor)
+    set_logits(net)
+    ctl = BudgetController(budget, 1e-11, 1e-11, energy_model="loihi")
+    found = ctl.calibrate(net, batches)
+    after = measure_energy(net, batches)
+    assert after.model_energy_pj("loihi") == pytest.approx(found["budget_energy_pj_after"], rel=1e-6)
+    assert after.sops_per_sample == pytest.approx(found["budget_sops_after"], rel=1e-6)
+    assert abs(found["budget_energy_pj_after"] / budget - 1) < 0.05, found
+    assert ctl.observe(net, batches[0][0]) == pytest.approx(
+        measure_energy(net, [batches[0]]).model_energy_pj("loihi"), rel=1e-6)
+
+
+def test_energy_budget_config():
+    """pruning.energy_budget_pj and pruning.sop_budget exclude each other; the model is named."""
+    import typing
+
+    from launcher.config import ConfigError, PruningConfig, from_dict
+    from model.energy_models import MODELS
+
+    assert typing.get_args(typing.get_type_hints(PruningConfig)["energy_model"]) == tuple(MODELS)
+    cfg = from_dict({"pruning": {"energy_budget_pj": 1e6, "energy_model": "spinnaker2"}})
+    assert cfg.pruning.energy_model == "spinnaker2" and cfg.pruning.sop_budget is None
+    assert from_dict({}).pruning.energy_model == "horowitz45"
+    with pytest.raises(ConfigError, match="pruning.energy_budget_pj: set pruning.sop_budget or"):
+        from_dict({"pruning": {"energy_budget_pj": 1e6, "sop_budget": 4e4}})
+    with pytest.raises(ConfigError, match="pruning.energy_model"):
+        from_dict({"pruning": {"energy_model": "truenorth"}})
+    with pytest.raises(ValueError, match="unknown energy model"):
+        BudgetController(1e6, 1e-11, 1e-11, energy_model="truenorth")

@@ -7,6 +7,7 @@ cached in ~/.cache/torch_extensions); every later run takes seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -209,13 +210,13 @@ def test_half_written_saves_are_ignored_and_cleaned(dist_info, tmp_path):
         (root / name / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 half")
     assert find_resumable(tmp_path).tag == "step000000001"
     assert find_resumable(tmp_path / "elsewhere") is None
-    # A crash after COMPLETE.json but before the rename: complete, newer, used as it is.
+    # A crash after COMPLETE.json but before the rename: never committed, so not trusted.
     shutil.copytree(root / "step000000001", root / "step000000002.partial")
     marker = json.loads((root / "step000000002.partial" / MARKER).read_text())
     marker["state"]["step"] = 2
     (root / "step000000002.partial" / MARKER).write_text(json.dumps(marker))
     ckpt = find_resumable(tmp_path)
-    assert (ckpt.tag, ckpt.state.step) == ("step000000002.partial", 2)
+    assert (ckpt.tag, ckpt.state.step) == ("step000000001", 1)
     load_checkpoint(_engine(0, seed=4)[0], ckpt)
     save_checkpoint(engine, tmp_path, TrainState(step=3), cfg, keep_last=2)
     assert _tags(root) == ["step000000001", "step000000003"]
@@ -254,7 +255,9 @@ def test_loading_never_unpickles_arbitrary_objects(dist_info, tmp_path):
     sd["spikeprune"]["extra"] = _NotAllowed()
     torch.save(sd, target)
     marker = json.loads((tag_dir / MARKER).read_text())
-    marker["files"][target.name] = target.stat().st_size  # sizes match: only the load can tell
+    # Sizes and digest match (a hostile writer can edit the marker too): only the load can tell.
+    marker["files"][target.name] = target.stat().st_size
+    marker["sha256"][target.name] = hashlib.sha256(target.read_bytes()).hexdigest()
     (tag_dir / MARKER).write_text(json.dumps(marker))
     with pytest.raises(CheckpointError, match="does not load"):
         open_checkpoint(tag_dir)

@@ -39,10 +39,12 @@ import ray
 from ray import tune
 
 from launcher.config import ConfigError, load_config
+from launcher.redact import redact, redact_text
+from launcher.run_lock import DirLock
 from launcher.tracking import resolve_tracking_uri
 from tuning.compare_config import (CompareConfig, compare_config_yaml, load_compare_config, to_dict)
-from tuning.sweep import (_one_rank_environment, check_reachable, connect_ray, job_main, parent_tracker,
-                          refuse_changed_restart)
+from tuning.sweep import (_one_rank_environment, check_reachable, connect_ray, job_main, output_pass,
+                          parent_tracker, prepare_out_dir, refuse_changed_restart)
 from tuning.sweep_config import base_train_config
 
 # What each method sets in the training config (docs/METHOD.md §8); budget and dense run added per trial.
@@ -286,7 +288,7 @@ def tag_dense_references(outcomes: list[Outcome], tracking_uri: str) -> None:
             client.log_metric(o.mlflow_run_id, "energy_ratio_vs_dense",
                               ref.results["sops_per_sample"] / max(o.results["sops_per_sample"], 1e-12))
         except Exception as exc:  # the local summary stays the record
-            print(f"could not tag run {o.mlflow_run_id}: {exc}".splitlines()[0], file=sys.stderr)
+            print(redact_text(f"could not tag run {o.mlflow_run_id}: {exc}").splitlines()[0], file=sys.stderr)
 
 
 def write_outputs(cfg: CompareConfig, outcomes: list[Outcome], tracker, wall_s: float) -> dict:
@@ -298,8 +300,8 @@ def write_outputs(cfg: CompareConfig, outcomes: list[Outcome], tracker, wall_s: 
         table(summary), "\n".join(summary["notes"])]))
     (out / "results.txt").write_text(text + "\n")
     plot(out / "compare.png", summary)
-    doc = {"name": cfg.name, "out_dir": str(out), "config": to_dict(cfg), "parent_run_id": tracker.run_id,
-           "wall_s": wall_s, **summary}
+    doc = {"name": cfg.name, "out_dir": str(out), "config": redact(to_dict(cfg)), "parent_run_id": tracker.run_id,
+           "pass": output_pass(out), "wall_s": wall_s, **summary}
     (out / "summary.json").write_text(json.dumps(doc, indent=1))
     print(text, flush=True)
     metrics = {}
@@ -308,7 +310,7 @@ def write_outputs(cfg: CompareConfig, outcomes: list[Outcome], tracker, wall_s: 
         for key in ("test_top1", "sops_per_sample", "energy_ratio"):
             if c[key] is not None:
                 metrics[f"{tag}_{key}"] = c[key]["mean"]
-    tracker.log_metrics(metrics, step=0)
+    tracker.log_metrics(metrics, step=doc["pass"])  # a restart's figures are the latest
     for name in ("results.txt", "compare.png", "summary.json"):
         tracker.log_artifact(out / name)
     return doc
@@ -327,9 +329,15 @@ def run_compare(cfg: CompareConfig) -> dict:
     restoring = tune.Tuner.can_restore(str(out))
     if restoring and saved.is_file():
         refuse_changed_restart("comparison", out, compare_config_yaml(cfg), saved)
-    out.mkdir(parents=True, exist_ok=True)
-    if not saved.is_file():
-        saved.write_text(compare_config_yaml(cfg))
+    # One comparison per folder (two would run and report each other's trials): held to the end.
+    with DirLock(out, "comparison", "name= or storage_path="):
+        return _run_locked(cfg, train_cfg, restoring, start)
+
+
+def _run_locked(cfg: CompareConfig, train_cfg, restoring: bool, start: float) -> dict:
+    out = cfg.out_dir
+    saved = out / "compare_config.yaml"
+    prepare_out_dir(out, restoring, saved, compare_config_yaml(cfg))
     tracking_uri = resolve_tracking_uri(train_cfg.tracking)
 
     connect_ray(cfg.address, cfg.local_cpus, out)

@@ -32,8 +32,10 @@ import shutil
 import socket
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 if __name__ == "__main__" and __package__ in (None, ""):
     # `python tuning/sweep.py`: make the repo importable, then run the module proper so that
@@ -51,6 +53,8 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils import flatten_dict
 
 from launcher.config import Config, ConfigError, load_config
+from launcher.redact import redact, redact_text
+from launcher.run_lock import DirLock, DirLocked
 from launcher.tracking import Tracker, ensure_store, resolve_tracking_uri
 from model.atomic import atomic_write
 from tuning import pareto
@@ -64,6 +68,12 @@ SOCKET_PATH_MAX = 107  # AF_UNIX; Ray puts sockets at <temp dir>/session_<date>_
 # The run-dependent settings a restarted sweep may change; everything else is fixed by the
 # saved Tune experiment, so a different value would be silently ignored: refuse instead.
 RESTART_MAY_CHANGE = ("address", "local_cpus")
+# What Tune unpickles from the sweep dir when it restores (the tuner, the searcher, the trials in
+# the experiment state): whoever can write these runs code in the next restart.
+TUNE_STATE = ("tuner.pkl", "experiment_state-*.json", "searcher-state-*.pkl", "basic-variant-state-*.json")
+# Ray's "no cluster" switch (read at import, so its constant is set too): a local Ray binds
+# its servers to the node's outward address unless it is off (docs/STACK.md).
+RAY_CLUSTER_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class SweepError(RuntimeError):
@@ -287,13 +297,72 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 def connect_ray(address: str | None, local_cpus: int | None, out_dir: Path) -> None:
     """A local Ray (session files under `out_dir`) when `address` is None, else the cluster's."""
     if address is None:
-        ray.init(num_cpus=local_cpus, _temp_dir=ray_temp_dir(out_dir), include_dashboard=False)
+        with _loopback_only():
+            ray.init(num_cpus=local_cpus, _temp_dir=ray_temp_dir(out_dir), include_dashboard=False)
         return
     try:
         ray.init(address=address)
     except ConnectionError as exc:
         raise SweepError(f"cannot connect to the Ray cluster at {address}: "
                          f"{str(exc).splitlines()[0]}") from None
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """A local Ray on 127.0.0.1 only, unless the user set RAY_CLUSTER_VAR. Ray's processes
+    inherit the variable at start; the driver's copy is restored after (a later join of a
+    real cluster needs the node's own address)."""
+    from ray._private import ray_constants
+
+    if RAY_CLUSTER_VAR in os.environ:
+        yield
+        return
+    os.environ[RAY_CLUSTER_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        del os.environ[RAY_CLUSTER_VAR]
+        ray_constants.ENABLE_RAY_CLUSTER = True
+
+
+def check_state_trusted(out_dir: Path) -> None:
+    """Restoring runs whatever Tune's pickled state says (TUNE_STATE): refuse state that another
+    user wrote or could have changed, in one line (docs/RELIABILITY.md)."""
+    uid = os.getuid()
+    # Per file, not the folder: a file another user replaced or added is theirs, whatever
+    # the folder's mode (a group-writable sweep dir under umask 002 is common on clusters).
+    for path in sorted(p for pattern in TUNE_STATE for p in out_dir.glob(pattern)):
+        st = path.lstat()
+        problem = ("is a symbolic link" if path.is_symlink() else
+                   f"is owned by uid {st.st_uid}, not you ({uid})" if st.st_uid != uid else
+                   "is writable by group or others" if st.st_mode & 0o022 else None)
+        if problem:
+            raise SweepError(f"{path} {problem}: restoring the sweep would unpickle (run) Tune's state "
+                             f"from it; not restored (if you trust it, chown it or chmod go-w it; else "
+                             f"start over with another name=)")
+
+
+def prepare_out_dir(out_dir: Path, restoring: bool, saved: Path, config_yaml: str) -> None:
+    """Before Tune reads or writes `out_dir` (a sweep's or a comparison's): its state checked
+    when restoring; files written from here on not group/other-writable (umask 022 added), so
+    that the state Tune writes passes the check at the next restore; the config saved
+    without credentials at the first start."""
+    if restoring:
+        check_state_trusted(out_dir)
+    os.umask(os.umask(0o022) | 0o022)
+    if not saved.is_file():
+        saved.write_text(redact_text(config_yaml))
+
+
+def output_pass(out_dir: Path) -> int:
+    """How many times outputs were written into `out_dir` before (summary.json's "pass"): the
+    step of the parent run's metrics. Uploads are idempotent per (key, step), so a restarted
+    sweep logging at the first pass's step again would leave MLflow with the old counts."""
+    try:
+        return int(json.loads((out_dir / "summary.json").read_text()).get("pass", 0)) + 1
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -315,8 +384,8 @@ def check_restart(cfg: SweepConfig, saved_path: Path) -> None:
 def refuse_changed_restart(kind: str, out_dir: Path, now_yaml: str, saved_path: Path) -> None:
     """A restarted sweep or comparison must have the settings it started with (but
     RESTART_MAY_CHANGE): the saved Tune experiment would silently ignore other values."""
-    saved = yaml.safe_load(saved_path.read_text())
-    now = yaml.safe_load(now_yaml)
+    saved = yaml.safe_load(redact_text(saved_path.read_text()))  # credentials are no setting
+    now = yaml.safe_load(redact_text(now_yaml))
     changed = sorted(k for k in set(saved) | set(now)
                      if k not in RESTART_MAY_CHANGE and saved.get(k) != now.get(k))
     if changed:
@@ -333,7 +402,8 @@ def parent_tracker(kind: str, name: str, out_dir: Path, train_cfg: Config) -> Tr
         try:
             ensure_store(tracking.tracking_uri)  # schema created once, before trials fan out
         except Exception as exc:  # the Tracker keeps records locally and warns
-            print(f"MLflow store {tracking.tracking_uri} not ready: {exc}".splitlines()[0], file=sys.stderr)
+            print(redact_text(f"MLflow store {tracking.tracking_uri} not ready: {exc}").splitlines()[0],
+                  file=sys.stderr)
     return Tracker(tracking, 0, out_dir, tags={"spikeprune.kind": kind})
 
 
@@ -370,16 +440,18 @@ def collect(cfg: SweepConfig) -> list[TrialOutcome]:
     return sorted(outcomes, key=lambda t: t.trial_id)
 
 
-def close_stopped_runs(outcomes: list[TrialOutcome]) -> None:
+def close_stopped_runs(outcomes: list[TrialOutcome], tracking_uri: str) -> None:
     """A trial ASHA stopped dies mid-epoch, leaving its MLflow run RUNNING with records still
-    pending in its run dir: upload them and mark the run KILLED, tagged as early-stopped."""
+    pending in its run dir: upload them and mark the run KILLED, tagged as early-stopped.
+    `tracking_uri`: the sweep's (config.yaml holds it without its credentials)."""
     for t in outcomes:
         if t.status != "early_stopped" or t.run_dir is None:
             continue
         config_file = Path(t.run_dir) / "config.yaml"
         if not config_file.is_file():
             continue
-        tracker = Tracker(load_config(config_file).tracking, 0, t.run_dir)
+        tracking = dataclasses.replace(load_config(config_file).tracking, tracking_uri=tracking_uri)
+        tracker = Tracker(tracking, 0, t.run_dir)
         tracker.set_tags({"tune.status": "early_stopped"})
         tracker.finish("KILLED")
 
@@ -407,8 +479,8 @@ def write_outputs(cfg: SweepConfig, outcomes: list[TrialOutcome], tracker: Track
     ])
     (out / "results.txt").write_text(text + "\n")
     pareto.plot(out / "pareto.png", outcomes, answers)
-    doc = {"name": cfg.name, "sweep_dir": str(out), "config": to_dict(cfg),
-           "parent_run_id": tracker.run_id, **pareto.summary(outcomes, answers)}
+    doc = {"name": cfg.name, "sweep_dir": str(out), "config": redact(to_dict(cfg)),
+           "parent_run_id": tracker.run_id, "pass": output_pass(out), **pareto.summary(outcomes, answers)}
     pareto.write_json(out / "summary.json", doc)
     print(text, flush=True)
 
@@ -421,7 +493,7 @@ def write_outputs(cfg: SweepConfig, outcomes: list[TrialOutcome], tracker: Track
             metrics.update({f"{tag}_val_top1": a.best.val_top1, f"{tag}_sops_per_sample": a.best.sops_per_sample})
             if a.best.test_top1 is not None:
                 metrics[f"{tag}_test_top1"] = a.best.test_top1
-    tracker.log_metrics(metrics, step=0)
+    tracker.log_metrics(metrics, step=doc["pass"])
     for name in ("results.txt", "pareto.png", "summary.json"):
         tracker.log_artifact(out / name)
     if any(best_dir.iterdir()):
@@ -440,9 +512,15 @@ def run_sweep(cfg: SweepConfig, trainable=run_trial) -> dict:
     restoring = tune.Tuner.can_restore(str(out))
     if restoring and saved.is_file():
         check_restart(cfg, saved)
-    out.mkdir(parents=True, exist_ok=True)
-    if not saved.is_file():
-        saved.write_text(sweep_config_yaml(cfg))
+    # One sweep per sweep dir (two would run and report each other's trials): held to the end.
+    with DirLock(out, "sweep", "name= or storage_path="):
+        return _run_locked(cfg, trainable, train_cfg, restoring)
+
+
+def _run_locked(cfg: SweepConfig, trainable, train_cfg: Config, restoring: bool) -> dict:
+    out = cfg.sweep_dir
+    saved = out / "sweep_config.yaml"
+    prepare_out_dir(out, restoring, saved, sweep_config_yaml(cfg))
 
     connect_ray(cfg.address, cfg.local_cpus, cfg.sweep_dir)
     try:
@@ -476,7 +554,7 @@ def run_sweep(cfg: SweepConfig, trainable=run_trial) -> dict:
         ray.shutdown()
 
     outcomes = collect(cfg)
-    close_stopped_runs(outcomes)
+    close_stopped_runs(outcomes, resolve_tracking_uri(train_cfg.tracking))
     doc = write_outputs(cfg, outcomes, tracker)
     unfinished = doc["counts"]["unfinished"] + max(0, cfg.num_trials - len(outcomes))
     doc["interrupted"] = unfinished > 0
@@ -509,7 +587,7 @@ def job_main(argv: list[str] | None, *, prog: str, description: str, kind: str, 
     except ConfigError as exc:
         print(f"{kind} config error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except SweepError as exc:
+    except (SweepError, DirLocked) as exc:
         print(f"{kind} error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C (the first one makes Tune stop and save)
