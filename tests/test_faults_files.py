@@ -320,13 +320,17 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
     from test_sweep import _descendants
     from tuning.sweep import connect_ray
 
+    # What this process (and any child) listened on before Ray: earlier tests in the same
+    # pytest process can leave sockets (e.g. a gloo store) that are not Ray's.
+    before = set(_listening({os.getpid(), *_descendants(os.getpid())}))
     connect_ray(None, 1, tmp_path)
     try:
-        addresses = _listening({os.getpid(), *_descendants(os.getpid())})
+        addresses = set(_listening({os.getpid(), *_descendants(os.getpid())})) - before
     finally:
         ray.shutdown()
     assert addresses, "found no listening Ray process"
-    assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in addresses), addresses
+    outward = sorted(a for a in addresses if not a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")))
+    assert not outward, outward
 
 
 def test_ray_cluster_script_keeps_token_auth_and_never_logs_the_token():
