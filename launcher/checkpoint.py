@@ -440,7 +440,8 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, state: TrainState, cfg: 
         _remove_tag(partial)
     _barrier()
     _use_weights_only_loader(engine)
-    client = {CLIENT_KEY: {"train_state": dataclasses.asdict(state), "config": redact(to_dict(cfg))}}
+    config = redact(to_dict(cfg))  # as stored in the client state and COMPLETE.json
+    client = {CLIENT_KEY: {"train_state": dataclasses.asdict(state), "config": config}}
     try:
         engine.save_checkpoint(str(root), tag=partial.name, client_state=client, save_latest=False)
         atomic_torch_save(capture_rng(), partial / _rng_file(rank), fsync=True)
@@ -455,7 +456,7 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, state: TrainState, cfg: 
         names = [f.name for f in sorted(partial.iterdir())
                  if f.is_file() and f.name != MARKER and not f.name.startswith(".")]
         marker = {"tag": tag, "world_size": world, "saved_at": time.time(),
-                  "state": dataclasses.asdict(state), "config": redact(to_dict(cfg)),
+                  "state": dataclasses.asdict(state), "config": config,
                   "files": {n: (partial / n).stat().st_size for n in names},
                   "sha256": {n: _sha256(partial / n) for n in names}}
         try:

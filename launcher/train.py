@@ -82,6 +82,7 @@ class Ctx:
     budget: BudgetController | None
     progress: Progress
     dense_sops: float | None  # the dense reference's SOPs per sample, for the energy ratio
+    dense_results: dict | None  # a finished dense run's results.json: its energy under each model
     last_sops: float | None = None  # the latest SOPs/sample measured, for the progress bar
 
 
@@ -104,14 +105,16 @@ def ensure_demo_data(cfg: Config) -> None:
     barrier()
 
 
-def dense_reference_sops(ref: float | str | None, tracking_uri: str) -> float | None:
-    """The dense run's SOPs per sample: given as a number, read from a finished dense run's
-    directory (results.json: its test-set report), or from its MLflow run (the last value
-    logged: its test-set energy report)."""
+def dense_reference(ref: float | str | None, tracking_uri: str) -> tuple[float | None, dict | None]:
+    """(the dense run's SOPs per sample, its results.json or None): the SOPs given as a number,
+    read from a finished dense run's directory (results.json: its test-set report, which also
+    carries its energy under each model), or from its MLflow run (the last value logged: its
+    test-set energy report)."""
     if ref is None or isinstance(ref, (int, float)):
-        return ref
+        return ref, None
     if Path(ref).is_dir():
-        return float(finished_results(Path(ref), "pruning.dense_reference")["sops_per_sample"])
+        results = finished_results(Path(ref), "pruning.dense_reference")
+        return float(results["sops_per_sample"]), results
     import mlflow
 
     try:
@@ -121,7 +124,7 @@ def dense_reference_sops(ref: float | str | None, tracking_uri: str) -> float | 
                           f"{redact_text(tracking_uri)} ({type(exc).__name__})") from None
     if "sops_per_sample" not in run.data.metrics:
         raise ConfigError(f"pruning.dense_reference: run {ref} has no sops_per_sample metric")
-    return float(run.data.metrics["sops_per_sample"])
+    return float(run.data.metrics["sops_per_sample"]), None
 
 
 def load_best_model(path: Path, device: torch.device) -> dict:
@@ -498,9 +501,8 @@ def final_report(ctx: Ctx) -> dict:
     # Always the whole test split: `eval_batches_limit` caps only the validation passes.
     test = evaluate(ctx, "test", mode)
     report = energy_on(ctx, "test", ctx.dense_sops)
-    ref = cfg.pruning.dense_reference
-    if isinstance(ref, str) and Path(ref).is_dir():  # a finished dense run: its energy under each model
-        report.dense_reference_pj = dense_energies(finished_results(Path(ref), "pruning.dense_reference"))
+    if ctx.dense_results is not None:
+        report.dense_reference_pj = dense_energies(ctx.dense_results)
     results = {"test_top1": test["top1"], "test_top5": test["top5"], "test_samples": test["n"],
                "best_val_top1": ctx.state.best_val_top1, "best_epoch": ctx.state.best_epoch,
                **report.metrics()}
@@ -547,7 +549,7 @@ def _train(cfg: Config, stop: PreemptionHandler, held: ExitStack, reporter: Call
     p, run_dir = cfg.pruning, Path(cfg.checkpoint.run_dir)
     # Everything that can fail on a wrong input fails here, before anything is written into the
     # run directory or an MLflow run is created.
-    dense_sops = dense_reference_sops(p.dense_reference, resolve_tracking_uri(cfg.tracking))
+    dense_sops, dense_results = dense_reference(p.dense_reference, resolve_tracking_uri(cfg.tracking))
     if p.magnitude_from is not None:
         finished_results(Path(p.magnitude_from), "pruning.magnitude_from")
         load_best_model(Path(p.magnitude_from) / "best_model.pt", torch.device("cpu"))
@@ -613,8 +615,9 @@ def _train(cfg: Config, stop: PreemptionHandler, held: ExitStack, reporter: Call
                                 context, loaders[split].reader.num_samples)
     budget = None
     if p.enabled and (p.sop_budget is not None or p.energy_budget_pj is not None):
-        budget = (BudgetController(p.sop_budget, p.lambda_w, p.lambda_n) if p.sop_budget is not None else
-                  BudgetController(p.energy_budget_pj, p.lambda_w, p.lambda_n, energy_model=p.energy_model))
+        on_sops = p.sop_budget is not None  # else an energy budget under p.energy_model
+        budget = BudgetController(p.sop_budget if on_sops else p.energy_budget_pj, p.lambda_w, p.lambda_n,
+                                  energy_model=None if on_sops else p.energy_model)
         if state.budget is not None:
             budget.load_state_dict(state.budget)
     if is_primary():
@@ -629,7 +632,7 @@ def _train(cfg: Config, stop: PreemptionHandler, held: ExitStack, reporter: Call
               f"dense connections/step={connectivity(net).dense_total:,.0f}", flush=True)
 
     ctx = Ctx(cfg, engine, net, loaders, tracker, state, stop, info.device, dtype,
-              steps_per_epoch, reporter, budget, Progress(enabled=is_primary()), dense_sops)
+              steps_per_epoch, reporter, budget, Progress(enabled=is_primary()), dense_sops, dense_results)
     try:
         if p.magnitude_from is not None and ckpt is None:
             start_from_magnitude(ctx, Path(p.magnitude_from))

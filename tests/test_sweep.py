@@ -29,7 +29,7 @@ from model import build_model
 from model.masks import load_masks
 from tuning import pareto
 from tuning.pareto import TrialOutcome
-from tuning.sweep import (EXIT_INTERRUPTED, SweepError, check_restart, main, ray_temp_dir, run_sweep,
+from tuning.sweep import (EXIT_INTERRUPTED, SweepError, main, ray_temp_dir, refuse_changed_restart, run_sweep,
                           run_trial, rung_score, search_algorithm)
 from tuning.sweep_config import load_sweep_config
 
@@ -215,9 +215,13 @@ def test_restart_with_other_settings_is_refused(config_file, tmp_path):
 
     saved = tmp_path / "sweep_config.yaml"
     saved.write_text(sweep_config_yaml(load_sweep_config(config_file)))
-    check_restart(load_sweep_config(config_file, ["address=auto", "local_cpus=1"]), saved)  # how, not what
+
+    def check_restart(cfg):
+        refuse_changed_restart("sweep", cfg.sweep_dir, sweep_config_yaml(cfg), saved)
+
+    check_restart(load_sweep_config(config_file, ["address=auto", "local_cpus=1"]))  # how, not what
     with pytest.raises(SweepError, match=r"\(budgets, num_trials differ from"):
-        check_restart(load_sweep_config(config_file, ["num_trials=5", "budgets=[7]"]), saved)
+        check_restart(load_sweep_config(config_file, ["num_trials=5", "budgets=[7]"]))
 
 
 # --------------------------------------------------------------------------- a real sweep

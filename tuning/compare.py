@@ -40,11 +40,10 @@ from ray import tune
 
 from launcher.config import ConfigError, load_config
 from launcher.redact import redact, redact_text
-from launcher.run_lock import DirLock
 from launcher.tracking import resolve_tracking_uri
 from tuning.compare_config import (CompareConfig, compare_config_yaml, load_compare_config, to_dict)
 from tuning.sweep import (_one_rank_environment, check_reachable, connect_ray, job_main, output_pass,
-                          parent_tracker, prepare_out_dir, refuse_changed_restart)
+                          held_out_dir, parent_tracker)
 from tuning.sweep_config import base_train_config
 
 # What each method sets in the training config (docs/METHOD.md §8); budget and dense run added per trial.
@@ -324,20 +323,14 @@ def run_compare(cfg: CompareConfig) -> dict:
     train_cfg = base_train_config(cfg)
     if cfg.address is not None:
         check_reachable(cfg.address)
-    out = cfg.out_dir
-    saved = out / "compare_config.yaml"
-    restoring = tune.Tuner.can_restore(str(out))
-    if restoring and saved.is_file():
-        refuse_changed_restart("comparison", out, compare_config_yaml(cfg), saved)
-    # One comparison per folder (two would run and report each other's trials): held to the end.
-    with DirLock(out, "comparison", "name= or storage_path="):
+    with held_out_dir("comparison", cfg.out_dir, cfg.out_dir / "compare_config.yaml",
+                      compare_config_yaml(cfg)) as restoring:
         return _run_locked(cfg, train_cfg, restoring, start)
 
 
 def _run_locked(cfg: CompareConfig, train_cfg, restoring: bool, start: float) -> dict:
     out = cfg.out_dir
     saved = out / "compare_config.yaml"
-    prepare_out_dir(out, restoring, saved, compare_config_yaml(cfg))
     tracking_uri = resolve_tracking_uri(train_cfg.tracking)
 
     connect_ray(cfg.address, cfg.local_cpus, out)

@@ -343,16 +343,25 @@ def check_state_trusted(out_dir: Path) -> None:
                              f"start over with another name=)")
 
 
-def prepare_out_dir(out_dir: Path, restoring: bool, saved: Path, config_yaml: str) -> None:
-    """Before Tune reads or writes `out_dir` (a sweep's or a comparison's): its state checked
-    when restoring; files written from here on not group/other-writable (umask 022 added), so
-    that the state Tune writes passes the check at the next restore; the config saved
-    without credentials at the first start."""
-    if restoring:
-        check_state_trusted(out_dir)
-    os.umask(os.umask(0o022) | 0o022)
-    if not saved.is_file():
-        saved.write_text(redact_text(config_yaml))
+@contextmanager
+def held_out_dir(kind: str, out_dir: Path, saved: Path, config_yaml: str) -> Iterator[bool]:
+    """The start of a sweep or a comparison in `out_dir`; yields whether Tune restores it.
+
+    A restart with other settings is refused; then the folder is locked for the whole block
+    (two would run and report each other's trials), and before Tune reads or writes it: its
+    state checked when restoring; files written from here on not group/other-writable (umask
+    022 added), so that the state Tune writes passes the check at the next restore; the config
+    (`saved`) written without credentials at the first start."""
+    restoring = tune.Tuner.can_restore(str(out_dir))
+    if restoring and saved.is_file():
+        refuse_changed_restart(kind, out_dir, config_yaml, saved)
+    with DirLock(out_dir, kind, "name= or storage_path="):
+        if restoring:
+            check_state_trusted(out_dir)
+        os.umask(os.umask(0o022) | 0o022)
+        if not saved.is_file():
+            saved.write_text(redact_text(config_yaml))
+        yield restoring
 
 
 def output_pass(out_dir: Path) -> int:
@@ -375,10 +384,6 @@ def trial_setup(cfg: SweepConfig, train_cfg: Config, parent_run_id: str | None) 
                  f"tracking.tracking_uri={resolve_tracking_uri(train_cfg.tracking)}"]
     return TrialSetup(str(Path(cfg.train_config).resolve()), tuple(overrides), str(cfg.sweep_dir),
                       parent_run_id, None if cfg.budget_mode else cfg.sops_limit)
-
-
-def check_restart(cfg: SweepConfig, saved_path: Path) -> None:
-    refuse_changed_restart("sweep", cfg.sweep_dir, sweep_config_yaml(cfg), saved_path)
 
 
 def refuse_changed_restart(kind: str, out_dir: Path, now_yaml: str, saved_path: Path) -> None:
@@ -507,20 +512,14 @@ def run_sweep(cfg: SweepConfig, trainable=run_trial) -> dict:
     train_cfg = base_train_config(cfg)
     if cfg.address is not None:
         check_reachable(cfg.address)  # before anything is written
-    out = cfg.sweep_dir
-    saved = out / "sweep_config.yaml"
-    restoring = tune.Tuner.can_restore(str(out))
-    if restoring and saved.is_file():
-        check_restart(cfg, saved)
-    # One sweep per sweep dir (two would run and report each other's trials): held to the end.
-    with DirLock(out, "sweep", "name= or storage_path="):
+    with held_out_dir("sweep", cfg.sweep_dir, cfg.sweep_dir / "sweep_config.yaml",
+                      sweep_config_yaml(cfg)) as restoring:
         return _run_locked(cfg, trainable, train_cfg, restoring)
 
 
 def _run_locked(cfg: SweepConfig, trainable, train_cfg: Config, restoring: bool) -> dict:
     out = cfg.sweep_dir
     saved = out / "sweep_config.yaml"
-    prepare_out_dir(out, restoring, saved, sweep_config_yaml(cfg))
 
     connect_ray(cfg.address, cfg.local_cpus, cfg.sweep_dir)
     try:
