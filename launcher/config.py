@@ -26,9 +26,11 @@ import yaml
 from data_pipeline import DATASETS
 from launcher.redact import redact_text
 from model.atomic import atomic_write
+from model.energy_models import MODELS as ENERGY_MODELS
 from model.registry import MODELS
 
 MODEL_NAMES = tuple(MODELS)  # the registries are the one source of the names a config may use
+EnergyModelName = Literal[tuple(ENERGY_MODELS)]
 
 
 class ConfigError(ValueError):
@@ -87,7 +89,7 @@ class PruningConfig:
     # Target SOPs per sample; when set, the lambdas adapt during the search to land on it.
     sop_budget: Optional[float] = field(default=None, metadata=checked("positive"))
     # The hardware model the energy budget is priced under (docs/ENERGY.md, model/energy_models.py).
-    energy_model: Literal["horowitz45", "loihi", "spinnaker2", "lemaire"] = "horowitz45"
+    energy_model: EnergyModelName = "horowitz45"
     # Target pJ per sample under `energy_model`: budget mode on energy instead of SOPs.
     energy_budget_pj: Optional[float] = field(default=None, metadata=checked("positive"))
     # Dense SOPs per sample for the energy ratio: a number, the MLflow run id of a dense run,

@@ -45,6 +45,7 @@ from launcher.tracking import PENDING_FILE, Tracker, resolve_tracking_uri
 from model import build_model
 from model.atomic import atomic_torch_save
 from model.energy_count import measure_energy
+from model.energy_models import MODELS as ENERGY_MODELS
 from model.energy_report import SAMPLE_MEANS, dense_energies
 from model.masks import (MaskError, mask_logits, mask_mode, save_masks, set_beta, set_mask_mode, weight_layers,
                          weight_params)
@@ -327,7 +328,8 @@ def save(ctx: Ctx, tag: str | None = None) -> None:
 
 
 def end_of_epoch(ctx: Ctx, phase: str, epoch: int, train_loss: float) -> dict:
-    """Validation (soft and hard masks), structure and SOPs; logged and returned."""
+    """Validation (soft and hard masks), structure, SOPs and energy under every named model
+    (what a sweep on an energy budget ranks on); logged and returned."""
     cfg = ctx.cfg
     pruning = cfg.pruning.enabled
     metrics = {"epoch_train_loss": train_loss}
@@ -340,11 +342,15 @@ def end_of_epoch(ctx: Ctx, phase: str, epoch: int, train_loss: float) -> dict:
                                                                   limit)["top1"]
     report = energy_on(ctx, "val", None, limit)
     metrics.update(weight_keep=report.weight_keep, neuron_keep=report.neuron_keep,
-                   connectivity=report.connectivity, sops_per_sample=report.sops_per_sample)
+                   connectivity=report.connectivity, sops_per_sample=report.sops_per_sample,
+                   **{f"energy_pj_per_sample/{m}": report.model_energy_pj(m) for m in ENERGY_MODELS})
     ctx.last_sops = report.sops_per_sample
     ctx.tracker.log_metrics(metrics, step=ctx.state.step)
     if is_primary():
-        print(f"[{phase} {epoch + 1}] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        # The energy under the configured model only: four of them make the line unreadable.
+        shown = {k: v for k, v in metrics.items()
+                 if not k.startswith("energy_pj_per_sample/") or k.endswith(f"/{cfg.pruning.energy_model}")}
+        print(f"[{phase} {epoch + 1}] " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
     return metrics
 
 

@@ -196,29 +196,29 @@ class EnergyReport:
         """The report as an aligned terminal table with a totals line and a summary."""
         head = ["layer", "kind", "SOPs/sample", "MACs/sample", "rate", "weights kept",
                 "neurons kept", "connections live/dense"]
-        rows = [[r.name, r.kind + ("" if r.counted else "*"), _si(r.sops_per_sample),
-                 _si(r.macs_per_sample) if r.macs_per_sample else "-",
+        rows = [[r.name, r.kind + ("" if r.counted else "*"), si_prefix(r.sops_per_sample),
+                 si_prefix(r.macs_per_sample) if r.macs_per_sample else "-",
                  "-" if r.firing_rate is None else f"{r.firing_rate:.4f}",
                  _kept(r.kept_weights, r.total_weights), _kept(r.kept_neurons, r.total_neurons),
-                 f"{_si(r.live_connections)}/{_si(r.dense_connections)}"] for r in self.layers]
+                 f"{si_prefix(r.live_connections)}/{si_prefix(r.dense_connections)}"] for r in self.layers]
 
         def sum_of(attr: str) -> float:
             return sum(getattr(r, attr) for r in self.layers)
-        rows.append(["total", "", _si(self.sops_per_sample), _si(self.first_layer_macs_per_sample), "",
+        rows.append(["total", "", si_prefix(self.sops_per_sample), si_prefix(self.first_layer_macs_per_sample), "",
                      _kept(sum_of("kept_weights"), sum_of("total_weights")),
                      _kept(sum_of("kept_neurons"), sum_of("total_neurons")),
-                     f"{_si(sum_of('live_connections'))}/{_si(sum_of('dense_connections'))}"])
+                     f"{si_prefix(sum_of('live_connections'))}/{si_prefix(sum_of('dense_connections'))}"])
         lines = aligned(head, rows)
         lines[-1:-1] = [lines[1]]  # a rule above the totals line
         lines.append("")
-        lines.append(f"energy/sample {_si(self.energy_pj_per_sample)}pJ = "
-                     f"{_si(self.sops_per_sample)} SOPs x {self.pj_per_sop} pJ + "
-                     f"{_si(self.first_layer_macs_per_sample)} first-layer MACs x {self.pj_per_mac} pJ")
+        lines.append(f"energy/sample {si_prefix(self.energy_pj_per_sample)}pJ = "
+                     f"{si_prefix(self.sops_per_sample)} SOPs x {self.pj_per_sop} pJ + "
+                     f"{si_prefix(self.first_layer_macs_per_sample)} first-layer MACs x {self.pj_per_mac} pJ")
         lines.append(f"connectivity {self.connectivity_pct:.4g} %  weight keep "
                      f"{100 * self.weight_keep:.4g} %  neuron keep {100 * self.neuron_keep:.4g} %  "
                      f"samples {self.samples}")
         if self.energy_ratio is not None:
-            lines.append(f"dense reference {_si(self.dense_reference_sops)} SOPs/sample: "
+            lines.append(f"dense reference {si_prefix(self.dense_reference_sops)} SOPs/sample: "
                          f"{self.energy_ratio:.3g}x fewer SOPs")
         lines.append("* not counted in SOPs (first layer: MACs; head: neither)")
         lines += ["", *self.counts_table(), "", *self.models_table()]
@@ -230,10 +230,10 @@ class EnergyReport:
                 f"weights ({BYTES_PER_WORD} B)", f"state ({BYTES_PER_WORD} B)"]
 
         def cells(name: str, get) -> list[str]:
-            return [name, _si(get("synaptic_events_per_sample")), _si(get("graded_events_per_sample")),
-                    _si(get("spikes_per_sample")),
-                    f"{_si(get('live_neuron_updates_per_sample'))}/{_si(get('neuron_updates_per_sample'))}",
-                    _si(get("weight_bytes")) + "B", _si(get("state_bytes")) + "B"]
+            return [name, si_prefix(get("synaptic_events_per_sample")), si_prefix(get("graded_events_per_sample")),
+                    si_prefix(get("spikes_per_sample")),
+                    f"{si_prefix(get('live_neuron_updates_per_sample'))}/{si_prefix(get('neuron_updates_per_sample'))}",
+                    si_prefix(get("weight_bytes")) + "B", si_prefix(get("state_bytes")) + "B"]
         rows = [cells(r.name, lambda a, r=r: getattr(r, a)) for r in self.layers]
         rows.append(cells("total", self.total))
         lines = aligned(head, rows, left=1)
@@ -247,8 +247,8 @@ class EnergyReport:
         for m in MODELS:
             parts = {c: sum(r.energy_pj(m)[c] for r in self.layers) for c in COMPONENTS}
             ratio = self.model_ratio(m)
-            rows.append([m + (" (headline)" if m == DEFAULT_MODEL else ""), *(_si(parts[c]) for c in COMPONENTS),
-                         _si(self.model_energy_pj(m)), "-" if ratio is None else f"{ratio:.3g}x"])
+            rows.append([m + (" (headline)" if m == DEFAULT_MODEL else ""), *(si_prefix(parts[c]) for c in COMPONENTS),
+                         si_prefix(self.model_energy_pj(m)), "-" if ratio is None else f"{ratio:.3g}x"])
         return aligned(head, rows, left=1)
 
     def plot(self, path: str | os.PathLike) -> str:
@@ -268,7 +268,7 @@ class EnergyReport:
             top.bar(x, [r.macs_per_sample for r in self.layers], color="tab:red",
                     label="first-layer MACs / sample")
         top.set_ylabel("operations / sample")
-        top.set_title(f"{_si(self.sops_per_sample)} SOPs/sample, {_si(self.energy_pj_per_sample)}pJ/sample, "
+        top.set_title(f"{si_prefix(self.sops_per_sample)} SOPs/sample, {si_prefix(self.energy_pj_per_sample)}pJ/sample, "
                       f"connectivity {self.connectivity_pct:.3g} %")
         top.legend(fontsize=8)
         width = 0.4
@@ -300,7 +300,7 @@ class EnergyReport:
             ax.bar(range(len(models)), shares, bottom=bottoms, color=colors(i), label=r.name)
             bottoms = [b + v for b, v in zip(bottoms, shares)]
         ax.set_xticks(range(len(models)))
-        ax.set_xticklabels([f"{m}\n{_si(self.model_energy_pj(m))}pJ/sample" for m in models], fontsize=8)
+        ax.set_xticklabels([f"{m}\n{si_prefix(self.model_energy_pj(m))}pJ/sample" for m in models], fontsize=8)
         ax.set_ylabel("share of energy (%)")
         ax.set_ylim(0, 105)
         ax.legend(fontsize=6, ncol=max(1, len(self.layers) // 8), loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -322,7 +322,7 @@ def aligned(head: list[str], rows: list[list[str]], left: int = 2) -> list[str]:
     return [line(head), "-" * len(line(head)), *map(line, rows)]
 
 
-def _si(x: float) -> str:
+def si_prefix(x: float) -> str:
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= div:
             return f"{x / div:.4g}{suffix}"

@@ -15,7 +15,9 @@ from mlflow import MlflowClient
 
 from helpers_train import N_TEST, REPO, clean_env, module_state, sqlite_uri, tiny_data, train_cmd
 from launcher.checkpoint import safe_load
-from tuning.compare import Outcome, summarise, trial_key
+from model.energy_models import MODELS as ENERGY_MODELS
+from tuning.compare import CompareSetup, Outcome, energy_table, summarise, table, trial_key, trial_overrides
+from launcher.config import ConfigError
 from tuning.compare_config import METHODS, load_compare_config
 
 QUICK = REPO / "configs" / "compare_quick.yaml"
@@ -57,10 +59,14 @@ def test_every_method_lands_on_the_budget_on_the_full_test_split(quick):
         assert abs(t["sops_per_sample"] / budget - 1) <= 0.25, (method, t["sops_per_sample"])
         cell = next(c for c in s["cells"] if c["method"] == method)
         assert cell["energy_ratio"]["mean"] == pytest.approx(dense["sops_per_sample"] / t["sops_per_sample"])
+        for m in ENERGY_MODELS:  # the energy under every hardware model, against the same dense run
+            key = f"energy_pj_per_sample/{m}"
+            assert cell[f"ratio/{m}"]["mean"] == pytest.approx(dense[key] / t[key])
     assert trials["weights"]["neuron_keep"] == 1.0 and trials["neurons"]["weight_keep"] == 1.0
     assert trials["magnitude"]["neuron_keep"] == 1.0
     text = (quick["out"] / "results.txt").read_text()
     assert all(m in text for m in METHODS) and (quick["out"] / "compare.png").stat().st_size > 10_000
+    assert "energy per sample under each hardware model" in text and all(f"{m} pJ/sample" in text for m in ENERGY_MODELS)
 
 
 @pytest.mark.slow
@@ -102,6 +108,7 @@ def test_mlflow_parent_run_with_one_nested_run_per_trial(quick):
         if r.info.run_name != "dense_s0":
             assert r.data.tags["spikeprune.dense_reference_run"] == dense_id
             assert r.data.metrics["energy_ratio_vs_dense"] > 1
+            assert all(r.data.metrics[f"energy_ratio_vs_dense/{m}"] > 1 for m in ENERGY_MODELS)
     artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     assert {"results.txt", "compare.png", "summary.json"} <= artifacts
 
@@ -116,6 +123,29 @@ def test_a_budget_above_the_dense_network_is_reported():
     s = summarise(cfg, outcomes)
     assert any("1e+09 at or above the dense network's 1e+05" in n for n in s["notes"])
     assert s["cells"][1]["energy_ratio"]["mean"] == 1.0
+
+
+def test_energy_budgets_put_every_pruned_method_on_that_models_energy(tmp_path):
+    """energy_model=loihi: each pruned trial gets pruning.energy_budget_pj and the model, and
+    the summary measures the distance to the budget in loihi pJ (pure, on finished results)."""
+    cfg = load_compare_config(QUICK, ["budgets=[2e6]", "methods=[dense,joint,magnitude]", "energy_model=loihi"])
+    setup = CompareSetup(str(REPO / cfg.train_config), (), str(tmp_path), None, 1.0, cfg.axis)
+    spec = {"method": "magnitude", "budget": 2e6, "seed": 0}
+    over = trial_overrides(spec, setup)
+    assert "pruning.energy_budget_pj=2000000.0" in over and "pruning.energy_model=loihi" in over
+    assert not any(o.startswith("pruning.sop_budget=") for o in over)
+    dense = {"test_top1": 0.8, "sops_per_sample": 1e5, "test_samples": 128,
+             **{f"energy_pj_per_sample/{m}": 8e6 for m in ENERGY_MODELS}}
+    joint = {**dense, "sops_per_sample": 1e4, "energy_pj_per_sample/loihi": 2.1e6}
+    s = summarise(cfg, [Outcome("dense", None, 0, "finished", dense, None),
+                        Outcome("joint", 2e6, 0, "finished", joint, None),
+                        Outcome("magnitude", 2e6, 0, "unfinished", {}, None)])
+    cell = s["cells"][1]
+    assert cell["budget_error"]["mean"] == pytest.approx(0.05) and cell["cost"]["mean"] == 2.1e6
+    assert cell["ratio/loihi"]["mean"] == pytest.approx(8e6 / 2.1e6) and cell["energy_ratio"]["mean"] == 10
+    assert "pJ/sample (loihi)" in table(s) and "(3.81x)" in energy_table(s)
+    with pytest.raises(ConfigError, match="pruning.sop_budget is set, but the trials' budgets are pJ/sample"):
+        load_compare_config(QUICK, ["energy_model=loihi", "train_overrides=[pruning.sop_budget=1e4]"])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -97,7 +97,7 @@ def write_sweep_config(path: Path, base: Path, **changes) -> Path:
 
 def outcome(i: int, acc: float, sops: float, status: str = "finished") -> TrialOutcome:
     return TrialOutcome(trial_id=f"t{i}", status=status, params={"pruning.lambda_w": 1e-11},
-                        val_top1=acc, sops_per_sample=sops, test_top1=acc, connectivity=0.1,
+                        val_top1=acc, sops_per_sample=sops, cost=sops, test_top1=acc, connectivity=0.1,
                         energy_pj_per_sample=sops * 0.9)
 
 
@@ -113,7 +113,7 @@ def test_best_per_budget_and_infeasible_budget():
     trials = [outcome(0, 0.50, 100), outcome(1, 0.60, 200), outcome(2, 0.70, 400),
               outcome(3, 0.99, 5, status="early_stopped")]
     low, mid, high = pareto.best_per_budget(trials, [50, 250, 1000])
-    assert not low.feasible and low.lowest_sops == 100 and "infeasible" in low.message()
+    assert not low.feasible and low.lowest_cost == 100 and "infeasible" in low.message()
     assert mid.best.trial_id == "t1" and high.best.trial_id == "t2"
     # 5 % over the budget counts only with a tolerance.
     assert not pareto.best_per_budget(trials, [95])[0].feasible
@@ -151,12 +151,12 @@ def test_optuna_searcher_prunes_early_stopped_trials(config_file):
                                                 "pruning.lambda_n": tune.loguniform(1e-12, 1e-10)})
     searcher.suggest("stopped")
     searcher.suggest("done")
-    searcher.on_trial_complete("stopped", {"val_top1": 0.9, "sops_per_sample": 10.0})
-    searcher.on_trial_complete("done", {"val_top1": 0.5, "sops_per_sample": 3e9, "finished": True})
+    searcher.on_trial_complete("stopped", {"val_top1": 0.9, "cost": 10.0})
+    searcher.on_trial_complete("done", {"val_top1": 0.5, "cost": 3e9, "finished": True})
     stopped, done = searcher._ot_study.get_trials(deepcopy=False)
     assert stopped.state == optuna.trial.TrialState.PRUNED
     assert done.state == optuna.trial.TrialState.COMPLETE and done.values == [0.5, 3e9]
-    assert done.constraints == {"sops_over_budget": 3e9 - 1e9}  # over the largest budget: infeasible
+    assert done.constraints == {"over_budget": 3e9 - 1e9}  # over the largest budget: infeasible
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +174,12 @@ def config_file(tmp_path_factory) -> Path:
     (["search.lambda_w=null", "search.lambda_n=null"], "search: empty search space"),
     (["search.lambda_w=[1e-10,1e-12]"], "search.lambda_w: expected [low, high] with 0 < low < high"),
     (["search.lambda_w=[1e-12]"], "search.lambda_w: expected [low, high]"),
-    (["budgets=[]"], "budgets: expected a list of SOP budgets"),
-    (["budgets=[-5]"], "budgets: expected a list of SOP budgets"),
+    (["budgets=[]"], "budgets: expected a list of budgets per sample"),
+    (["budgets=[-5]"], "budgets: expected a list of budgets per sample"),
+    (["energy_model=truenorth"], "energy_model: expected one of"),
+    (["budget_mode=true", "search.lambda_w=null", "search.lambda_n=null", "search.lr=[1e-3,1e-2]",
+      "scheduler.name=none", "energy_model=loihi", "train_overrides=[pruning.sop_budget=5e4]"],
+     "train_config: pruning.sop_budget is set, but the trials' budgets are pJ/sample (loihi)"),
     (["train_overrides=[pruning.lamda_w=1]"], "unknown config key 'pruning.lamda_w'"),
     (["budget_mode=true"], "search.lambda_w: budget mode adapts the lambdas itself"),
     (["budget_mode=true", "search.lambda_w=null", "search.lambda_n=null", "search.lr=[1e-3,1e-2]",
@@ -434,23 +438,57 @@ def test_budget_mode_lands_within_ten_percent(tmp_path, budget):
         "calibration did not move the kept set after hardening: the test shows nothing"
 
 
+def test_budget_axis_sets_the_trials_budget_key(config_file):
+    """SOP budgets set pruning.sop_budget; energy budgets pruning.energy_budget_pj, with the
+    model named in every trial's overrides, and the trials ranked on that model's energy."""
+    from launcher.config import load_config
+    from tuning.sweep import first_points, param_space, trial_setup
+    from tuning.sweep_config import base_train_config
+
+    on = ["budget_mode=true", "search.lambda_w=null", "search.lambda_n=null", "search.lr=[1e-3,1e-2]"]
+    for extra, key, metric in (([], "pruning.sop_budget", "sops_per_sample"),
+                               (["energy_model=lemaire"], "pruning.energy_budget_pj", "energy_pj_per_sample/lemaire")):
+        cfg = load_sweep_config(config_file, [*on, *extra, "budgets=[5e6,8e6]"])
+        assert set(param_space(cfg)) == {"optim.lr", key}
+        assert [p[key] for p in first_points(cfg)] == [5e6, 8e6]
+        setup = trial_setup(cfg, base_train_config(cfg), None)
+        assert setup.cost_metric == metric and setup.cost_limit is None
+        trial = load_config(setup.train_config, [*setup.train_overrides, f"{key}=5e6"])
+        assert trial.pruning.energy_model == (cfg.energy_model or "horowitz45")
+    assert trial_setup(load_sweep_config(config_file, ["energy_model=loihi"]), base_train_config(cfg),
+                       None).cost_limit == 1e9  # ranked on loihi energy against the largest budget
+    outcomes = [outcome(0, 0.5, 4e6), outcome(1, 0.6, 9e6)]
+    answers = pareto.best_per_budget(outcomes, [5e6], unit="pJ/sample (loihi)")
+    assert answers[0].best.trial_id == "t0" and "5e+06 pJ/sample (loihi)" in answers[0].message()
+    assert "pJ/sample (loihi)" in pareto.table(outcomes, [], "pJ/sample (loihi)")
+
+
 @pytest.mark.slow
-def test_budget_mode_sweep_puts_each_trial_on_its_budget(tmp_path):
-    """budget_mode=true: the sampler picks a budget per trial (each budget tried first) and
-    searches the other knobs; every finished network sits on its own budget."""
-    budgets = [1.5e4, 3.0e4]
+def test_energy_budget_sweep_puts_each_trial_on_its_budget(tmp_path):
+    """budget_mode=true on energy budgets under `loihi`: the sampler picks a budget per trial
+    (each budget tried first) and searches the other knobs; every finished network sits on its
+    own budget under that model, and the outputs say which figure the budgets count."""
+    budgets = [5.0e6, 8.0e6]  # pJ/sample; the dense net is ~1.8e7, its unprunable stem ~3e6
     config = write_sweep_config(
         tmp_path / "sweep.yaml", tmp_path, budget_mode=True, budgets=budgets, budget_tolerance=0.1,
-        search={"mask_lr": [3e-3, 3e-2]}, num_trials=2, max_failures=0,
+        energy_model="loihi", search={"mask_lr": [3e-3, 3e-2]}, num_trials=2, max_failures=0,
         train_overrides=[*TINY_TRIAL, "steps_per_epoch_limit=20", "eval_batches_limit=16",
                          f"tracking.tracking_uri=sqlite:///{tmp_path}/mlruns.db"])
     out = subprocess.run([sys.executable, "tuning/sweep.py", "--config", str(config)], cwd=REPO,
                          env=clean_env(), capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    summary = json.loads((tmp_path / "sweeps" / "t" / "summary.json").read_text())
+    sweep_dir = tmp_path / "sweeps" / "t"
+    summary = json.loads((sweep_dir / "summary.json").read_text())
     trials = summary["trials"]
-    assert sorted(t["params"]["pruning.sop_budget"] for t in trials) == budgets
+    assert sorted(t["params"]["pruning.energy_budget_pj"] for t in trials) == budgets
     for t in trials:
         assert t["status"] == "finished", t
-        assert abs(t["sops_per_sample"] / t["params"]["pruning.sop_budget"] - 1) <= 0.10, t
+        budget = t["params"]["pruning.energy_budget_pj"]
+        print(f"budget {budget:.4g} pJ/sample (loihi): validation {t['cost']:.4g}, test {t['test_cost']:.4g}")
+        assert abs(t["cost"] / budget - 1) <= 0.10 and abs(t["test_cost"] / budget - 1) <= 0.10, t
+        results = json.loads((Path(t["run_dir"]) / "results.json").read_text())
+        assert results["energy_pj_per_sample/loihi"] == t["test_cost"]
+        assert yaml.safe_load((Path(t["run_dir"]) / "config.yaml").read_text())["pruning"]["energy_model"] == "loihi"
     assert all(b["feasible"] for b in summary["budgets"]), summary["budgets"]
+    assert summary["budget_unit"] == "pJ/sample (loihi)"
+    assert "budget 5e+06 pJ/sample (loihi): trial" in (sweep_dir / "results.txt").read_text()

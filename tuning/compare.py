@@ -3,17 +3,19 @@
     python tuning/compare.py --config configs/compare_demo.yaml [key=value ...]
     python -m tuning.compare  (the same)
 
-For every SOP budget and seed: `joint` (weights + neurons, the paper), `weights` (weight masks
+For every budget (SOPs per sample, or with `energy_model` pJ per sample under that hardware
+model, docs/ENERGY.md) and seed: `joint` (weights + neurons, the paper), `weights` (weight masks
 only) and `neurons` (neuron masks only) in budget mode, so each lands on the budget;
 `magnitude`: global magnitude pruning of the trained `dense` network onto the budget, then
 fine-tuned as long as the others' fine-tune phase; and per seed one `dense` run (pruning off,
-trained as long as a search + fine-tune), the reference of every energy ratio.
+trained as long as a search + fine-tune), the reference of every energy ratio (SOPs, and energy under every named model).
 
 Every trial is one `launcher.train.train(cfg)` run under Ray Tune (the sweep machinery:
 parallel trials, restartable, one MLflow parent run with a nested run per trial); a magnitude
 trial waits for its dense run to finish and reads it from its run directory. Every figure is
 the launcher's final report on the full test split. Outputs in `storage_path/name/`:
-`results.txt` (method x budget table), `compare.png` (top-1 against SOPs per sample),
+`results.txt` (method x budget tables: accuracy and SOPs; energy under every model),
+`compare.png` (top-1 against the budgeted figure),
 `summary.json`; the same are artifacts of the parent run. Starting the same command again
 continues an interrupted comparison.
 """
@@ -44,7 +46,8 @@ from launcher.tracking import resolve_tracking_uri
 from tuning.compare_config import (CompareConfig, compare_config_yaml, load_compare_config, to_dict)
 from tuning.sweep import (_one_rank_environment, check_reachable, connect_ray, job_main, output_pass,
                           held_out_dir, parent_tracker)
-from tuning.sweep_config import base_train_config
+from model.energy_models import MODELS as ENERGY_MODELS
+from tuning.sweep_config import BudgetAxis, base_train_config
 
 # What each method sets in the training config (docs/METHOD.md §8); budget and dense run added per trial.
 METHOD_OVERRIDES = {
@@ -89,6 +92,7 @@ class CompareSetup:
     out_dir: str
     parent_run_id: str | None
     dense_wait_s: float
+    axis: BudgetAxis
 
 
 def wait_for_dense(dense_dir: Path, timeout_s: float) -> None:
@@ -106,7 +110,7 @@ def trial_overrides(spec: dict, setup: CompareSetup) -> list[str]:
     run_dir = run_dir_of(out_dir, spec)
     extra = list(METHOD_OVERRIDES[spec["method"]])
     if spec["budget"] is not None:
-        extra.append(f"pruning.sop_budget={spec['budget']}")
+        extra += [f"{setup.axis.train_key}={spec['budget']}", *setup.axis.train_overrides()]
     if spec["method"] == "magnitude":
         dense_dir = run_dir_of(out_dir, dense_spec(spec["seed"]))
         extra += [f"pruning.magnitude_from={dense_dir}", f"pruning.dense_reference={dense_dir}"]
@@ -125,12 +129,12 @@ def run_compare_trial(config: dict, setup: CompareSetup) -> None:
         wait_for_dense(run_dir_of(Path(setup.out_dir), dense_spec(spec["seed"])), setup.dense_wait_s)
     cfg = load_config(setup.train_config, trial_overrides(spec, setup))
 
-    def report_epoch(metrics: dict) -> None:
-        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+    def report_epoch(metrics: dict) -> None:  # no "a/b" keys: Tune would read them as nested
+        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and "/" not in k})
 
     results = train(cfg, reporter=report_epoch, parent_run_id=setup.parent_run_id)
     tune.report({"finished": True, "phase": "done",
-                 **{k: v for k, v in results.items() if isinstance(v, (int, float))}})
+                 **{k: v for k, v in results.items() if isinstance(v, (int, float)) and "/" not in k}})
 
 
 def trial_dirname(trial) -> str:
@@ -175,9 +179,17 @@ def _stats(values: list[float]) -> dict | None:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def _ratio(dense: dict, ours: dict, key: str) -> float | None:
+    if dense.get(key) is None or not ours.get(key):
+        return None
+    return dense[key] / ours[key]
+
+
 def summarise(cfg: CompareConfig, outcomes: list[Outcome]) -> dict:
     """Per (method, budget): mean / min / max over seeds of every figure; energy ratios
-    against the same seed's dense run."""
+    against the same seed's dense run: SOPs ("energy_ratio", the paper's), and pJ under every
+    named hardware model ("energy_pj/<model>", "ratio/<model>"). "cost": the budgeted figure."""
+    cost = cfg.axis.metric
     dense = {o.seed: o.results for o in outcomes if o.method == "dense" and o.status == "finished"}
     cells = []
     for method in cfg.methods:
@@ -189,23 +201,32 @@ def summarise(cfg: CompareConfig, outcomes: list[Outcome]) -> dict:
             for key in ("test_top1", "sops_per_sample", "connectivity", "weight_keep", "neuron_keep",
                         "test_samples"):
                 cell[key] = _stats([float(o.results[key]) for o in done if o.results.get(key) is not None])
-            cell["energy_ratio"] = _stats([dense[o.seed]["sops_per_sample"] / o.results["sops_per_sample"]
-                                           for o in done if o.seed in dense and o.results["sops_per_sample"] > 0])
+            cell["cost"] = _stats([float(o.results[cost]) for o in done if o.results.get(cost) is not None])
+            cell["energy_ratio"] = _stats([r for o in done if o.seed in dense
+                                           if (r := _ratio(dense[o.seed], o.results, "sops_per_sample"))])
+            for m in ENERGY_MODELS:
+                key = f"energy_pj_per_sample/{m}"
+                cell[f"energy_pj/{m}"] = _stats([float(o.results[key]) for o in done if o.results.get(key) is not None])
+                cell[f"ratio/{m}"] = _stats([r for o in done if o.seed in dense
+                                             if (r := _ratio(dense[o.seed], o.results, key))])
             if budget is not None:
-                cell["budget_error"] = _stats([o.results["sops_per_sample"] / budget - 1 for o in done])
+                cell["budget_error"] = _stats([o.results[cost] / budget - 1 for o in done if o.results.get(cost)])
             cells.append(cell)
     notes = []
     for seed, res in sorted(dense.items()):
-        over = [b for b in cfg.budgets if b >= res["sops_per_sample"]]
+        if res.get(cost) is None:
+            continue
+        over = [b for b in cfg.budgets if b >= res[cost]]
         if over:
             notes.append(f"budget(s) {', '.join(f'{b:.4g}' for b in over)} at or above the dense network's "
-                         f"{res['sops_per_sample']:.4g} SOPs/sample (seed {seed}): budget mode keeps everything there")
+                         f"{res[cost]:.4g} {cfg.axis.unit} (seed {seed}): budget mode keeps everything there")
     for o in outcomes:
         if o.status != "finished":
             notes.append(f"{trial_key(dict(method=o.method, budget=o.budget, seed=o.seed))}: {o.status}")
-    return {"cells": cells, "notes": notes, "trials": [
+    return {"budget_unit": cfg.axis.unit, "cost_key": cost, "cells": cells, "notes": notes, "trials": [
         {"method": o.method, "budget": o.budget, "seed": o.seed, "status": o.status,
-         "mlflow_run_id": o.mlflow_run_id, **{k: v for k, v in o.results.items() if isinstance(v, (int, float))}}
+         "mlflow_run_id": o.mlflow_run_id, "cost": o.results.get(cost),
+         **{k: v for k, v in o.results.items() if isinstance(v, (int, float))}}
         for o in outcomes]}
 
 
@@ -218,16 +239,24 @@ def _fmt(stat: dict | None, spec: str, scale: float = 1.0) -> str:
     return f"{mean} [{format(stat['min'] * scale, spec)}, {format(stat['max'] * scale, spec)}]"
 
 
+def _budget(c: dict) -> str:
+    return "-" if c["budget"] is None else f"{c['budget']:.4g}"
+
+
 def table(summary: dict) -> str:
-    """method x budget, mean [min, max] over seeds; all on the full test split."""
+    """method x budget, mean [min, max] over seeds; all on the full test split. "off budget":
+    of the budgeted figure (SOPs, or pJ under the comparison's energy model)."""
     from model.energy_report import aligned
 
-    head = ["method", "budget", "seeds", "test top-1 %", "SOPs/sample", "off budget %", "x fewer SOPs",
+    unit = summary["budget_unit"]
+    cost = [] if unit == "SOPs/sample" else [unit]
+    head = ["method", "budget", "seeds", "test top-1 %", "SOPs/sample", *cost, "off budget %", "x fewer SOPs",
             "connectivity %", "weight keep %", "neuron keep %", "test samples"]
     rows = []
     for c in summary["cells"]:
-        rows.append([c["method"], "-" if c["budget"] is None else f"{c['budget']:.4g}", str(len(c["seeds"])),
+        rows.append([c["method"], _budget(c), str(len(c["seeds"])),
                      _fmt(c["test_top1"], ".2f", 100), _fmt(c["sops_per_sample"], ".4g"),
+                     *(_fmt(c["cost"], ".4g") for _ in cost),
                      _fmt(c.get("budget_error"), "+.1f", 100), _fmt(c["energy_ratio"], ".3g"),
                      _fmt(c["connectivity"], ".3g", 100), _fmt(c["weight_keep"], ".3g", 100),
                      _fmt(c["neuron_keep"], ".3g", 100),
@@ -235,9 +264,25 @@ def table(summary: dict) -> str:
     return "\n".join(aligned(head, rows))
 
 
+def energy_table(summary: dict) -> str:
+    """method x budget: pJ per sample under every named model (docs/ENERGY.md) and how many
+    times less than the same seed's dense run, means over seeds."""
+    from model.energy_report import aligned, si_prefix
+
+    head = ["method", "budget", *(f"{m} pJ/sample" for m in ENERGY_MODELS)]
+    rows = []
+    for c in summary["cells"]:
+        cells = []
+        for m in ENERGY_MODELS:
+            pj, ratio = c[f"energy_pj/{m}"], c[f"ratio/{m}"]
+            cells.append("-" if pj is None else si_prefix(pj["mean"]) + ("" if ratio is None else f" ({ratio['mean']:.3g}x)"))
+        rows.append([c["method"], _budget(c), *cells])
+    return "\n".join(aligned(head, rows))
+
+
 def plot(path: Path, summary: dict) -> None:
-    """Test top-1 against SOPs per sample (log x), one line per method, seeds as dots,
-    the dense reference as a star."""
+    """Test top-1 against the budgeted figure (SOPs or pJ per sample, log x), one line per
+    method, seeds as dots, the dense reference as a star."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -249,21 +294,23 @@ def plot(path: Path, summary: dict) -> None:
         trials = [t for t in summary["trials"] if t["method"] == method and t["status"] == "finished"]
         if not trials:
             continue
-        ax.scatter([t["sops_per_sample"] for t in trials], [100 * t["test_top1"] for t in trials],
+        ax.scatter([t["cost"] for t in trials], [100 * t["test_top1"] for t in trials],
                    color=colour, alpha=0.35, s=18)
-        cells = sorted((c for c in summary["cells"] if c["method"] == method and c["sops_per_sample"]),
-                       key=lambda c: c["sops_per_sample"]["mean"])
-        ax.plot([c["sops_per_sample"]["mean"] for c in cells], [100 * c["test_top1"]["mean"] for c in cells],
+        cells = sorted((c for c in summary["cells"] if c["method"] == method and c["cost"]),
+                       key=lambda c: c["cost"]["mean"])
+        ax.plot([c["cost"]["mean"] for c in cells], [100 * c["test_top1"]["mean"] for c in cells],
                 "o-", color=colour, label=method)
     dense = [t for t in summary["trials"] if t["method"] == "dense" and t["status"] == "finished"]
     if dense:
-        ax.scatter([t["sops_per_sample"] for t in dense], [100 * t["test_top1"] for t in dense], marker="*",
+        ax.scatter([t["cost"] for t in dense], [100 * t["test_top1"] for t in dense], marker="*",
                    s=160, color="black", label="dense", zorder=3)
+    unit = summary["budget_unit"]
     ax.set_xscale("log")
-    ax.set_xlabel("SOPs per sample (test split, log scale)")
+    ax.set_xlabel(f"{unit} (test split, log scale)")
     ax.set_ylabel("test top-1 (%)")
     n = next((t["test_samples"] for t in summary["trials"] if t.get("test_samples")), None)
-    ax.set_title(f"pruning methods at equal SOP budgets ({int(n)} test samples)" if n else "pruning methods")
+    what = "SOP budgets" if unit == "SOPs/sample" else f"energy budgets, {unit}"
+    ax.set_title(f"pruning methods at equal {what} ({int(n)} test samples)" if n else "pruning methods")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -284,8 +331,11 @@ def tag_dense_references(outcomes: list[Outcome], tracking_uri: str) -> None:
         try:
             if ref.mlflow_run_id:
                 client.set_tag(o.mlflow_run_id, "spikeprune.dense_reference_run", ref.mlflow_run_id)
-            client.log_metric(o.mlflow_run_id, "energy_ratio_vs_dense",
-                              ref.results["sops_per_sample"] / max(o.results["sops_per_sample"], 1e-12))
+            ratios = {"": _ratio(ref.results, o.results, "sops_per_sample"),
+                      **{f"/{m}": _ratio(ref.results, o.results, f"energy_pj_per_sample/{m}") for m in ENERGY_MODELS}}
+            for suffix, r in ratios.items():
+                if r is not None:
+                    client.log_metric(o.mlflow_run_id, f"energy_ratio_vs_dense{suffix}", r)
         except Exception as exc:  # the local summary stays the record
             print(redact_text(f"could not tag run {o.mlflow_run_id}: {exc}").splitlines()[0], file=sys.stderr)
 
@@ -296,7 +346,9 @@ def write_outputs(cfg: CompareConfig, outcomes: list[Outcome], tracker, wall_s: 
     text = "\n\n".join(filter(None, [
         f"comparison {cfg.name}: {len(outcomes)} trials, full test split, mean [min, max] over seeds "
         f"{cfg.seeds}; wall time {wall_s / 60:.1f} min",
-        table(summary), "\n".join(summary["notes"])]))
+        table(summary),
+        "energy per sample under each hardware model (docs/ENERGY.md), x less than dense\n" + energy_table(summary),
+        "\n".join(summary["notes"])]))
     (out / "results.txt").write_text(text + "\n")
     plot(out / "compare.png", summary)
     doc = {"name": cfg.name, "out_dir": str(out), "config": redact(to_dict(cfg)), "parent_run_id": tracker.run_id,
@@ -306,7 +358,8 @@ def write_outputs(cfg: CompareConfig, outcomes: list[Outcome], tracker, wall_s: 
     metrics = {}
     for c in summary["cells"]:
         tag = c["method"] if c["budget"] is None else f"{c['method']}_b{c['budget']:.0f}"
-        for key in ("test_top1", "sops_per_sample", "energy_ratio"):
+        for key in ("test_top1", "sops_per_sample", "cost", "energy_ratio",
+                    *(f"{k}/{m}" for m in ENERGY_MODELS for k in ("energy_pj", "ratio"))):
             if c[key] is not None:
                 metrics[f"{tag}_{key}"] = c[key]["mean"]
     tracker.log_metrics(metrics, step=doc["pass"])  # a restart's figures are the latest
@@ -345,7 +398,7 @@ def _run_locked(cfg: CompareConfig, train_cfg, restoring: bool, start: float) ->
         setup = CompareSetup(str(Path(cfg.train_config).resolve()),
                              (*cfg.train_overrides, f"data.data_dir={Path(train_cfg.data.data_dir).resolve()}",
                               f"tracking.tracking_uri={tracking_uri}"),
-                             str(out), tracker.run_id, cfg.dense_wait_s)
+                             str(out), tracker.run_id, cfg.dense_wait_s, cfg.axis)
         resources = {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus}
         fn = tune.with_resources(tune.with_parameters(run_compare_trial, setup=setup), resources)
         specs = trial_specs(cfg)

@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import yaml
 
-from launcher.config import (ConfigError, build_dataclass, checked, print_config_main,
+from launcher.config import (ConfigError, EnergyModelName, build_dataclass, checked, print_config_main,
                              read_yaml_with_overrides)
-from tuning.sweep_config import Resources, base_train_config, parse_budgets, parse_strings
+from tuning.sweep_config import BudgetAxis, Resources, base_train_config, parse_budgets, parse_strings
 
 # docs/METHOD.md §8: what each method is.
 METHODS = ("dense", "joint", "weights", "neurons", "magnitude")
@@ -28,7 +28,10 @@ class CompareConfig:
     train_config: str = "configs/demo.yaml"
     # `section.key=value` applied to every trial, before the method's own settings.
     train_overrides: list[str] = field(default_factory=list)
-    budgets: list[float] = field(default_factory=list)  # SOPs per sample
+    budgets: list[float] = field(default_factory=list)  # SOPs per sample, or pJ (energy_model)
+    # null: budgets are SOPs per sample; a hardware model's name: pJ per sample under it
+    # (docs/ENERGY.md), every pruned method then lands on that energy.
+    energy_model: Optional[EnergyModelName] = None
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     max_concurrent_trials: Optional[int] = field(default=None, metadata=checked("positive"))
@@ -41,6 +44,10 @@ class CompareConfig:
     # null: start a local Ray; "auto" or "HOST:PORT": join a running cluster.
     address: Optional[str] = None
     local_cpus: Optional[int] = field(default=None, metadata=checked("positive"))  # local Ray only
+
+    @property
+    def axis(self) -> BudgetAxis:
+        return BudgetAxis(self.energy_model)
 
     @property
     def out_dir(self) -> Path:
@@ -80,8 +87,8 @@ def from_dict(data: dict) -> CompareConfig:
 def _cross_checks(cfg: CompareConfig) -> None:
     pruned = [m for m in cfg.methods if m != "dense"]
     if pruned and not cfg.budgets:
-        raise ConfigError("budgets: the pruned methods need at least one SOP budget per sample, "
-                          "e.g. budgets=[2e4,6e4]")
+        raise ConfigError("budgets: the pruned methods need at least one budget per sample (SOPs, "
+                          "or pJ with energy_model), e.g. budgets=[2e4,6e4]")
     if "magnitude" in cfg.methods and "dense" not in cfg.methods:
         raise ConfigError("methods: magnitude prunes the trained dense network: add dense to methods")
     if not cfg.name or "/" in cfg.name:
@@ -89,6 +96,7 @@ def _cross_checks(cfg: CompareConfig) -> None:
     if cfg.address is not None and not cfg.address.strip():
         raise ConfigError("address: empty (use auto, HOST:PORT, or null for a local Ray)")
     train = base_train_config(cfg)
+    cfg.axis.check_train_config(train)
     p = train.pruning
     if p.search_epochs < 1 or p.finetune_epochs < 1:
         raise ConfigError(f"train_config: the comparison needs a search and a fine-tune phase: "

@@ -1,12 +1,13 @@
-"""Search the mask-penalty coefficients against SOP budgets with Ray Tune (docs/METHOD.md §4).
+"""Search the mask-penalty coefficients against SOP or energy budgets with Ray Tune (docs/METHOD.md §4).
 
     python tuning/sweep.py --config configs/sweep_demo.yaml [--address auto|HOST:PORT] [key=value ...]
     python -m tuning.sweep  (the same)
 
 Each trial is one `launcher.train.train(cfg)` call (the CLI's code path) on the training config
 plus the trial's searched values; it reports every epoch to Tune, and its result is the
-fine-tuned hardened network's validation accuracy and SOPs per sample. The search is
-multi-objective (Optuna TPE: maximise val_top1, minimise SOPs, with "SOPs over the largest
+fine-tuned hardened network's validation accuracy and its cost: SOPs per sample, or with
+`energy_model` pJ per sample under that hardware model (docs/ENERGY.md). The search is
+multi-objective (Optuna TPE: maximise val_top1, minimise the cost, with "cost over the largest
 budget" as an Optuna constraint), so one sweep answers every budget: for each budget the most
 accurate finished trial within it. ASHA stops trials that trail in hard-mask validation
 accuracy during the search phase, ranking a trial over the largest budget below every trial
@@ -59,7 +60,7 @@ from launcher.tracking import Tracker, ensure_store, resolve_tracking_uri
 from model.atomic import atomic_write
 from tuning import pareto
 from tuning.pareto import TrialOutcome
-from tuning.sweep_config import (BUDGET_KEY, SweepConfig, base_train_config, load_sweep_config,
+from tuning.sweep_config import (SweepConfig, base_train_config, load_sweep_config,
                                  sweep_config_yaml, to_dict)
 
 EXIT_INTERRUPTED = 130
@@ -90,9 +91,11 @@ class TrialSetup:
     train_overrides: tuple[str, ...]  # with absolute data dir and tracking URI
     sweep_dir: str
     parent_run_id: str | None
-    # SOPs/sample above which a trial fits no budget (None in budget mode, where SOPs are
-    # only calibrated onto the budget at the end of the search).
-    sops_limit: float | None
+    # The epoch metric the budgets count (sweep_config.BudgetAxis.metric), reported as "cost".
+    cost_metric: str
+    # Cost per sample above which a trial fits no budget (None in budget mode, where the cost
+    # is only calibrated onto the budget at the end of the search).
+    cost_limit: float | None
 
 
 class EpochLog:
@@ -118,14 +121,15 @@ class EpochLog:
         return max(self.epochs.values(), key=lambda m: m["step"])
 
 
-def rung_score(val_top1_hard: float, sops_per_sample: float, sops_limit: float | None) -> float:
-    """What ASHA compares at a rung: hard-mask accuracy for a trial within the largest budget;
-    below all of those (negative) for one over it, the further over the lower (Deb's
-    feasibility rule, so no weight to tune). Accuracy alone would stop the heavily pruned
-    trials, the only candidates for small budgets, in favour of accurate ones over budget."""
-    if sops_limit is None or sops_per_sample <= sops_limit:
+def rung_score(val_top1_hard: float, cost: float, cost_limit: float | None) -> float:
+    """What ASHA compares at a rung: hard-mask accuracy for a trial within the largest budget
+    (cost: SOPs or pJ per sample); below all of those (negative) for one over it, the further
+    over the lower (Deb's feasibility rule, so no weight to tune). Accuracy alone would stop
+    the heavily pruned trials, the only candidates for small budgets, in favour of accurate
+    ones over budget."""
+    if cost_limit is None or cost <= cost_limit:
         return val_top1_hard
-    return -sops_per_sample / sops_limit
+    return -cost / cost_limit
 
 
 def _one_rank_environment() -> None:
@@ -139,7 +143,10 @@ def _one_rank_environment() -> None:
 
 
 def _numbers(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The plain numbers of an epoch's metrics for Tune (the per-model energies, "a/b" keys that
+    Tune would read as nested, reach it as "cost" when budgeted; MLflow has them all)."""
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and "/" not in k}
 
 
 def run_trial(config: dict, setup: TrialSetup) -> None:
@@ -163,9 +170,9 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
 
     def report_epoch(metrics: dict) -> None:
         log.add(metrics)
-        result = {**_numbers(metrics), "phase": metrics["phase"],
-                  "rung_score": rung_score(metrics["val_top1_hard"], metrics["sops_per_sample"],
-                                           setup.sops_limit)}
+        cost = metrics[setup.cost_metric]
+        result = {**_numbers(metrics), "phase": metrics["phase"], "cost": cost,
+                  "rung_score": rung_score(metrics["val_top1_hard"], cost, setup.cost_limit)}
         if metrics["phase"] == "search":
             result["search_epoch"] = metrics["epoch"] + 1  # ASHA's clock; absent when fine-tuning
         with tempfile.TemporaryDirectory() as d:
@@ -179,11 +186,11 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
         "finished": True, "phase": "done",
         # The objectives: the fine-tuned hardened net on the validation split.
         "val_top1": best["val_top1"], "val_top1_hard": best["val_top1_hard"],
-        "sops_per_sample": best["sops_per_sample"],
-        "rung_score": rung_score(best["val_top1_hard"], best["sops_per_sample"], setup.sops_limit),
+        "sops_per_sample": best["sops_per_sample"], "cost": best[setup.cost_metric],
+        "rung_score": rung_score(best["val_top1_hard"], best[setup.cost_metric], setup.cost_limit),
         # The launcher's final report (test split) of the same network.
         "test_top1": results["test_top1"], "test_top5": results["test_top5"],
-        "test_sops_per_sample": results["sops_per_sample"],
+        "test_sops_per_sample": results["sops_per_sample"], "test_cost": results[setup.cost_metric],
         **{k: results[k] for k in ("connectivity", "energy_pj_per_sample", "weight_keep", "neuron_keep")
            if results.get(k) is not None},
     })
@@ -205,19 +212,19 @@ class FinishedOnlyOptuna(OptunaSearch):
 
     Ray hands a trial the scheduler stopped early to `on_trial_complete` with its last
     (half-searched, soft-mask) result, which Optuna would store as COMPLETE: here it goes in
-    as PRUNED instead. A finished trial gets the Optuna constraint `SOPs - largest budget <= 0`,
-    so TPE learns where the feasible region is.
+    as PRUNED instead. A finished trial gets the Optuna constraint `cost - largest budget <= 0`
+    (cost: SOPs or pJ per sample), so TPE learns where the feasible region is.
     """
 
-    def __init__(self, *args, max_sops: float, **kwargs):
+    def __init__(self, *args, max_cost: float, **kwargs):
         super().__init__(*args, **kwargs)
-        self.max_sops = max_sops
+        self.max_cost = max_cost
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         if trial_id in self._ot_trials and trial_id not in self._completed_trials and not error:
             if result is not None and result.get("finished"):
                 self._ot_trials[trial_id].set_constraint(
-                    "sops_over_budget", float(result["sops_per_sample"]) - self.max_sops)
+                    "over_budget", float(result["cost"]) - self.max_cost)
             else:
                 result = None  # OptunaSearch then tells Optuna PRUNED
         super().on_trial_complete(trial_id, result, error)
@@ -227,7 +234,7 @@ def param_space(cfg: SweepConfig) -> dict:
     """Tune's search space keyed by training config key."""
     space = {key: tune.loguniform(lo, hi) for key, (lo, hi) in cfg.search.ranges().items()}
     if cfg.budget_mode:
-        space[BUDGET_KEY] = tune.choice(list(cfg.budgets))
+        space[cfg.axis.train_key] = tune.choice(list(cfg.budgets))
     return space
 
 
@@ -237,7 +244,7 @@ def first_points(cfg: SweepConfig) -> list[dict]:
     if not cfg.budget_mode:
         return []
     middle = {key: math.sqrt(lo * hi) for key, (lo, hi) in cfg.search.ranges().items()}
-    return [{**middle, BUDGET_KEY: b} for b in cfg.budgets][: cfg.num_trials]
+    return [{**middle, cfg.axis.train_key: b} for b in cfg.budgets][: cfg.num_trials]
 
 
 def search_algorithm(cfg: SweepConfig):
@@ -246,10 +253,10 @@ def search_algorithm(cfg: SweepConfig):
     import optuna
 
     return FinishedOnlyOptuna(
-        metric=["val_top1", "sops_per_sample"], mode=["max", "min"],
+        metric=["val_top1", "cost"], mode=["max", "min"],
         points_to_evaluate=first_points(cfg) or None,
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-        max_sops=cfg.sops_limit)
+        max_cost=cfg.cost_limit)
 
 
 def scheduler(cfg: SweepConfig, train_cfg: Config):
@@ -379,11 +386,11 @@ def output_pass(out_dir: Path) -> int:
 def trial_setup(cfg: SweepConfig, train_cfg: Config, parent_run_id: str | None) -> TrialSetup:
     """Paths made absolute: trials run in other working directories (and on other nodes,
     where the sweep dir and data must be on a shared file system)."""
-    overrides = [*cfg.train_overrides,
+    overrides = [*cfg.train_overrides, *cfg.axis.train_overrides(),
                  f"data.data_dir={Path(train_cfg.data.data_dir).resolve()}",
                  f"tracking.tracking_uri={resolve_tracking_uri(train_cfg.tracking)}"]
     return TrialSetup(str(Path(cfg.train_config).resolve()), tuple(overrides), str(cfg.sweep_dir),
-                      parent_run_id, None if cfg.budget_mode else cfg.sops_limit)
+                      parent_run_id, cfg.axis.metric, None if cfg.budget_mode else cfg.cost_limit)
 
 
 def refuse_changed_restart(kind: str, out_dir: Path, now_yaml: str, saved_path: Path) -> None:
@@ -433,6 +440,7 @@ def collect(cfg: SweepConfig) -> list[TrialOutcome]:
             params={k: v for k, v in (trial.config or {}).items() if isinstance(v, (int, float))},
             val_top1=last.get("val_top1") if done else None,
             sops_per_sample=last.get("sops_per_sample") if done else None,
+            cost=last.get("cost") if done else None, test_cost=last.get("test_cost"),
             test_top1=last.get("test_top1"), test_top5=last.get("test_top5"),
             test_sops_per_sample=last.get("test_sops_per_sample"),
             connectivity=last.get("connectivity") if done else None,
@@ -464,7 +472,8 @@ def close_stopped_runs(outcomes: list[TrialOutcome], tracking_uri: str) -> None:
 def write_outputs(cfg: SweepConfig, outcomes: list[TrialOutcome], tracker: Tracker) -> dict:
     """results.txt, pareto.png, summary.json, best_configs/; printed and logged to the parent."""
     keys = sorted({k for t in outcomes for k in t.params})
-    answers = pareto.best_per_budget(outcomes, cfg.budgets, cfg.budget_tolerance)
+    unit = cfg.axis.unit
+    answers = pareto.best_per_budget(outcomes, cfg.budgets, cfg.budget_tolerance, cfg.axis.unit)
     front = pareto.pareto_front(outcomes)
     out = cfg.sweep_dir
     best_dir = out / "best_configs"
@@ -475,16 +484,16 @@ def write_outputs(cfg: SweepConfig, outcomes: list[TrialOutcome], tracker: Track
     counts = {s: sum(t.status == s for t in outcomes) for s in ("finished", "early_stopped", "error", "unfinished")}
     text = "\n\n".join([
         f"sweep {cfg.name}: {len(outcomes)} trials, " + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
-        "all trials (val_top1 and SOPs/sample: the fine-tuned hardened net on the validation "
-        "split; test_top1, connectivity, energy: the launcher's final report on the test split)\n"
-        + pareto.table(outcomes, keys),
-        "Pareto front (finished trials only)\n" + pareto.table(front, keys),
-        "best trial per budget\n" + pareto.budget_table(answers, keys),
+        f"budgets in {unit}; all trials (val_top1, SOPs/sample and budgeted cost: the fine-tuned "
+        "hardened net on the validation split; test_top1, connectivity, energy: the launcher's "
+        "final report on the test split)\n" + pareto.table(outcomes, keys, unit),
+        "Pareto front (finished trials only)\n" + pareto.table(front, keys, unit),
+        "best trial per budget\n" + pareto.budget_table(answers, keys, unit),
         "\n".join(a.message() for a in answers),
     ])
     (out / "results.txt").write_text(text + "\n")
-    pareto.plot(out / "pareto.png", outcomes, answers)
-    doc = {"name": cfg.name, "sweep_dir": str(out), "config": redact(to_dict(cfg)),
+    pareto.plot(out / "pareto.png", outcomes, answers, unit)
+    doc = {"name": cfg.name, "sweep_dir": str(out), "config": redact(to_dict(cfg)), "budget_unit": unit,
            "parent_run_id": tracker.run_id, "pass": output_pass(out), **pareto.summary(outcomes, answers)}
     pareto.write_json(out / "summary.json", doc)
     print(text, flush=True)
@@ -495,7 +504,8 @@ def write_outputs(cfg: SweepConfig, outcomes: list[TrialOutcome], tracker: Track
         tag = f"budget_{a.budget:.0f}"
         metrics[f"{tag}_feasible"] = float(a.feasible)
         if a.feasible:
-            metrics.update({f"{tag}_val_top1": a.best.val_top1, f"{tag}_sops_per_sample": a.best.sops_per_sample})
+            metrics.update({f"{tag}_val_top1": a.best.val_top1, f"{tag}_sops_per_sample": a.best.sops_per_sample,
+                            f"{tag}_cost": a.best.cost})
             if a.best.test_top1 is not None:
                 metrics[f"{tag}_test_top1"] = a.best.test_top1
     tracker.log_metrics(metrics, step=doc["pass"])

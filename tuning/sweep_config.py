@@ -1,9 +1,10 @@
 """The typed config of a sweep: YAML file + `key=value` overrides, checked like the launcher's.
 
 A sweep config names a training config (any `configs/*.yaml` the launcher accepts) plus the
-overrides every trial gets, the SOP budgets, the knobs to search and how to run the search.
+overrides every trial gets, the budgets (SOPs per sample, or pJ per sample under a named
+hardware model: `energy_model`), the knobs to search and how to run the search.
 Scalars are validated by `launcher.config` (same types, same one-line `ConfigError` naming the
-key); the sweep adds two list-valued kinds: `budgets` (SOPs per sample) and search ranges
+key); the sweep adds two list-valued kinds: `budgets` and search ranges
 (`[low, high]`, sampled log-uniformly).
 
     python -m tuning.sweep_config --config configs/sweep_demo.yaml num_trials=4
@@ -20,7 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from launcher.config import (Config, ConfigError, as_float, build_dataclass, checked, load_config,
+from launcher.config import (Config, ConfigError, EnergyModelName, as_float, build_dataclass, checked, load_config,
                              print_config_main, read_yaml_with_overrides)
 
 Range = tuple[float, float]  # [low, high], sampled log-uniformly
@@ -33,7 +34,39 @@ SEARCH_KEYS = {
     "lr": "optim.lr",
     "mask_lr": "optim.mask_lr",
 }
-BUDGET_KEY = "pruning.sop_budget"
+@dataclass(frozen=True)
+class BudgetAxis:
+    """What the budgets of a sweep or comparison count: SOPs per sample (`energy_model` None), or
+    pJ per sample under a named hardware model (docs/ENERGY.md). Trials are ranked, checked
+    against the budgets and plotted on this axis."""
+
+    energy_model: Optional[str] = None
+
+    @property
+    def metric(self) -> str:
+        """The key of the budgeted figure in the launcher's epoch metrics and results.json."""
+        return "sops_per_sample" if self.energy_model is None else f"energy_pj_per_sample/{self.energy_model}"
+
+    @property
+    def train_key(self) -> str:
+        """The training config key that puts a run in budget mode on this axis."""
+        return "pruning.sop_budget" if self.energy_model is None else "pruning.energy_budget_pj"
+
+    @property
+    def unit(self) -> str:
+        return "SOPs/sample" if self.energy_model is None else f"pJ/sample ({self.energy_model})"
+
+    def train_overrides(self) -> list[str]:
+        """What every trial's training config gets so that its budget is priced on this axis."""
+        return [] if self.energy_model is None else [f"pruning.energy_model={self.energy_model}"]
+
+    def check_train_config(self, train: Config) -> None:
+        """The trials set `train_key`; a budget on the other axis in the training config would
+        conflict with it in every trial (refused here, not in each trial)."""
+        other = "pruning.energy_budget_pj" if self.energy_model is None else "pruning.sop_budget"
+        if getattr(train.pruning, other.split(".")[1]) is not None:
+            raise ConfigError(f"train_config: {other} is set, but the trials' budgets are "
+                              f"{self.unit} ({self.train_key}); remove it from the training config")
 
 
 @dataclass
@@ -78,11 +111,14 @@ class SweepConfig:
     train_config: str = "configs/demo.yaml"
     # `section.key=value` applied to every trial, before the searched knobs.
     train_overrides: list[str] = field(default_factory=list)
-    budgets: list[float] = field(default_factory=list)  # SOPs per sample
-    # Budget mode: each trial runs with pruning.sop_budget set to one of the budgets (the
-    # launcher adapts the lambdas to land on it) and the search covers the other knobs.
+    budgets: list[float] = field(default_factory=list)  # SOPs per sample, or pJ (energy_model)
+    # null: budgets are SOPs per sample; a hardware model's name: pJ per sample under it.
+    energy_model: Optional[EnergyModelName] = None
+    # Budget mode: each trial runs with pruning.sop_budget (or pruning.energy_budget_pj) set to
+    # one of the budgets (the launcher adapts the lambdas to land on it) and the search covers
+    # the other knobs.
     budget_mode: bool = False
-    # A trial fits a budget B when its SOPs/sample <= B * (1 + budget_tolerance).
+    # A trial fits a budget B when its SOPs (or pJ) per sample <= B * (1 + budget_tolerance).
     budget_tolerance: float = field(default=0.0, metadata=checked("non_negative"))
     search: SearchSpace = field(default_factory=SearchSpace)
     num_trials: int = field(default=8, metadata=checked("positive"))
@@ -105,8 +141,12 @@ class SweepConfig:
         return (Path(self.storage_path) / self.name).resolve()
 
     @property
-    def sops_limit(self) -> float:
-        """SOPs/sample above which a trial fits no budget."""
+    def axis(self) -> BudgetAxis:
+        return BudgetAxis(self.energy_model)
+
+    @property
+    def cost_limit(self) -> float:
+        """SOPs (or pJ) per sample above which a trial fits no budget."""
         return max(self.budgets) * (1 + self.budget_tolerance)
 
 
@@ -126,7 +166,8 @@ def parse_budgets(key: str, value: Any) -> list[float]:
     items = value if isinstance(value, (list, tuple)) else [value]
     out = [as_float(v) for v in items]
     if not out or any(v is None or v <= 0 for v in out):
-        raise ConfigError(f"{key}: expected a list of SOP budgets per sample (numbers > 0), "
+        raise ConfigError(f"{key}: expected a list of budgets per sample (SOPs, or pJ with "
+                          f"energy_model; numbers > 0), "
                           f"got {value!r}")
     return sorted(set(out))
 
@@ -154,7 +195,8 @@ def base_train_config(cfg: SweepConfig) -> Config:
 
 def _cross_checks(cfg: SweepConfig) -> None:
     if not cfg.budgets:
-        raise ConfigError("budgets: give at least one SOP budget per sample, e.g. budgets=[2e5,5e5]")
+        raise ConfigError("budgets: give at least one budget per sample (SOPs, or pJ with energy_model), "
+                          "e.g. budgets=[2e5,5e5]")
     ranges = cfg.search.ranges()
     if cfg.budget_mode:
         for name in ("lambda_w", "lambda_n"):
@@ -180,6 +222,8 @@ def _cross_checks(cfg: SweepConfig) -> None:
     p = train.pruning
     if not p.enabled:
         raise ConfigError("train_config: pruning.enabled is false; a sweep tunes the pruning")
+    if cfg.budget_mode:
+        cfg.axis.check_train_config(train)
     if p.search_epochs < 1 or p.finetune_epochs < 1:
         raise ConfigError(f"train_config: a sweep compares fine-tuned hardened networks: needs "
                           f"pruning.search_epochs >= 1 and pruning.finetune_epochs >= 1, got "
