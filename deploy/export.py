@@ -28,7 +28,8 @@ def run_metadata(run) -> dict:
     return meta
 
 
-def export_nir(run_dir, out, *, maxpool: str = "sum", avgpool: str = "sum", firing: str = "gt") -> Path:
+def export_nir(run_dir, out, *, maxpool: str = "sum", avgpool: str = "sum", firing: str = "gt",
+               neuron_masks: str = "threshold") -> Path:
     """Write the run's network to `out` as NIR (HDF5); the file is complete or absent."""
     import nir
 
@@ -44,7 +45,7 @@ def export_nir(run_dir, out, *, maxpool: str = "sum", avgpool: str = "sum", firi
     run = open_run(run_dir)
     try:
         graph, _ = build_graph(run.net, model_name=run.cfg.model.name, metadata=run_metadata(run),
-                               maxpool=maxpool, avgpool=avgpool, firing=firing)
+                               maxpool=maxpool, avgpool=avgpool, firing=firing, neuron_masks=neuron_masks)
     except NIRExportError as exc:
         raise DeployError(f"{run.path}: {exc}") from None
     try:
@@ -66,13 +67,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="average pool as SumPool2d with 1/k^2 in the next weights (default) or AvgPool2d")
     ap.add_argument("--firing", default="gt", choices=("gt", "ge"),
                     help="thresholds for NIR's v > theta (default) or for simulators firing at v >= theta")
+    ap.add_argument("--neuron-masks", default="threshold", choices=("threshold", "unroll"),
+                    help="masked neurons under convs as +inf thresholds (default, compact) or, for "
+                         "importers that demand uniform thresholds, zero outgoing weights in unrolled "
+                         "convs (large: see docs/NIR.md)")
     args = ap.parse_args(argv)
     if args.format not in FORMATS:
         print(f"error: unknown format {args.format!r} (supported: {', '.join(FORMATS)})", file=sys.stderr)
         return 2
     try:
         out = export_nir(args.run_dir, args.out, maxpool=args.maxpool, avgpool=args.avgpool,
-                         firing=args.firing)
+                         firing=args.firing, neuron_masks=args.neuron_masks)
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

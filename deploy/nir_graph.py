@@ -33,6 +33,13 @@ OR_THRESHOLD = 0.25
 MAXPOOL_ENCODINGS = ("sum", "conv")
 FIRING_RULES = ("gt", "ge")
 AVGPOOL_ENCODINGS = ("sum", "avg")
+# Partial neuron masks under a shared-weight conv: "threshold" gives masked neurons
+# v_threshold = +inf (compact; Norse reads it); "unroll" keeps every threshold uniform and
+# zeroes the masked neurons' outgoing weights, which needs the consumer convs and pools
+# unrolled into (mostly zero, gzip-compressed) Linear/Affine nodes from there on, for the
+# importers that demand one threshold per node (SpikingJelly, snnTorch).
+NEURON_MASK_ENCODINGS = ("threshold", "unroll")
+UNROLL_CHUNK = 4096  # one-hot inputs per conv call while unrolling (bounds its memory)
 
 
 class NIRExportError(ValueError):
@@ -94,6 +101,28 @@ def _pair(v) -> np.ndarray:
     return np.array([v, v] if np.isscalar(v) else list(v), dtype=np.int64)
 
 
+def _unrolled(weight: np.ndarray, in_shape, stride, padding, dilation, gate: np.ndarray | None = None
+              ) -> np.ndarray:
+    """The conv (no bias) of `weight` on [C, H, W] as a dense float32 matrix [C' H' W', C H W]
+    in flat C-major order, column j times gate[j] (0/1) when given: the conv of each one-hot
+    input, which is exactly the weight (one nonzero product per sum), so the Linear holds the
+    conv's every weight bit for bit."""
+    w = torch.from_numpy(_f32(weight))
+    n = int(np.prod(in_shape))
+    out_hw = _pool_out(in_shape[1:], w.shape[2:], stride, padding)
+    m = np.empty((w.shape[0] * int(np.prod(out_hw)), n), dtype=np.float32)
+    for start in range(0, n, UNROLL_CHUNK):
+        stop = min(n, start + UNROLL_CHUNK)
+        eye = torch.zeros(stop - start, n)
+        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        out = nn.functional.conv2d(eye.view(stop - start, *in_shape), w, None, tuple(stride), tuple(padding),
+                                   tuple(dilation))
+        m[:, start:stop] = out.reshape(stop - start, -1).T.numpy()
+    if gate is not None:
+        m *= gate.reshape(1, -1).astype(np.float32)
+    return m
+
+
 def _pool_out(hw, k, s, p):
     return tuple((n + 2 * pp - kk) // ss + 1 for n, kk, ss, pp in zip(hw, _pair(k), _pair(s), _pair(p)))
 
@@ -139,8 +168,11 @@ class _Sequential:
     average pools become sum-pools with 1/k^2 in the next weights (or AvgPool2d nodes),
     max-pools a sum-pool (or one-hot conv) plus an OR neuron."""
 
-    def __init__(self, g: _Graph, in_shape, maxpool: str, avgpool: str):
+    def __init__(self, g: _Graph, in_shape, maxpool: str, avgpool: str, neuron_masks: str = "threshold"):
         self.g, self.maxpool, self.avgpool = g, maxpool, avgpool
+        self.unroll = neuron_masks == "unroll"
+        self.flat = False  # "unroll": every node from the first gated consumer on is flat [C H W]
+        self.gate = None  # "unroll": keep map of `src` still to be zeroed into its consumer's columns
         self.src = "input"
         self.shape = tuple(in_shape)  # [C, H, W] or [F] of what `src` emits
         self.channels = np.arange(in_shape[0])  # which of our module's channels `src` carries
@@ -163,21 +195,48 @@ class _Sequential:
             alive = np.array([0])  # a layer with no neuron left: one silent channel keeps shapes
         w, b, keep = w[alive], b[alive], keep[alive]
         name = _name(path)
-        self.g.add(f"{name}_conv", nir.Conv2d(input_shape=tuple(self.shape[1:]), weight=_f32(w),
-                                             stride=tuple(conv.stride), padding=tuple(conv.padding),
-                                             dilation=tuple(conv.dilation), groups=1, bias=_f32(b)),
-                   self.src)
         shape = (len(alive), *out_hw)
-        self.g.add(f"{name}_spk", neuron_node(block.neuron, _thresholds(block, shape, keep)), f"{name}_conv")
+        if self._go_flat(path):
+            m = _unrolled(w, self.shape, conv.stride, conv.padding, conv.dilation, self._take_gate())
+            self.g.add(f"{name}_conv", nir.Affine(weight=m, bias=_f32(np.repeat(b, int(np.prod(out_hw))))),
+                       self.src)
+        else:
+            self.g.add(f"{name}_conv", nir.Conv2d(input_shape=tuple(self.shape[1:]), weight=_f32(w),
+                                                 stride=tuple(conv.stride), padding=tuple(conv.padding),
+                                                 dilation=tuple(conv.dilation), groups=1, bias=_f32(b)),
+                       self.src)
+        node_shape = (int(np.prod(shape)),) if self.flat else shape
+        thr = _thresholds(block, shape, keep if not self.unroll else np.ones_like(keep)).reshape(node_shape)
+        self.g.add(f"{name}_spk", neuron_node(block.neuron, thr), f"{name}_conv")
         self.g.map.spiking[f"{name}_spk"] = SpikeNode(path, alive, keep)
         self.src, self.shape, self.channels = f"{name}_spk", shape, alive
         self.last_keep, self.last_node = keep, f"{name}_spk"
+        self.gate = keep if self.unroll and not keep.all() else None
+
+    def _go_flat(self, path: str) -> bool:
+        """With `unroll`, every node from the first consumer of a gated node on is flat (NIR
+        has no unflatten); a Flatten node starts it. Returns whether this consumer is flat."""
+        if self.gate is not None and not self.flat:
+            self.g.add(f"{_name(path)}_flat", nir.Flatten(input_type={"input": np.array(self.shape)},
+                                                          start_dim=-3, end_dim=-1), self.src)
+            self.src, self.flat = f"{_name(path)}_flat", True
+        return self.flat
+
+    def _take_gate(self) -> np.ndarray | None:
+        """The keep map of `src` for its flat consumer to zero its masked neurons' columns."""
+        gate, self.gate = self.gate, None
+        return gate
 
     def pool(self, path: str, pool: SeqPool, next_is_fc: bool) -> None:
         p = pool.pool
         k, s, pad = p.kernel_size, p.stride, p.padding
         out_hw = _pool_out(self.shape[1:], k, s, pad)
         name = _name(path)
+        partial = self.last_keep is not None and not self.last_keep.all()
+        avg_into_fc = isinstance(p, nn.AvgPool2d) and next_is_fc and partial and self.avgpool == "sum"
+        if not avg_into_fc and self._go_flat(path):
+            self._flat_pool(name, path, p, out_hw)
+            return
         if isinstance(p, nn.MaxPool2d):
             if self.maxpool == "sum":
                 node = nir.SumPool2d(kernel_size=_pair(k), stride=_pair(s), padding=_pair(pad))
@@ -191,13 +250,12 @@ class _Sequential:
             return
         if np.any(_pair(pad)) or not np.array_equal(_pair(k), _pair(s)):
             raise NIRExportError(f"{path}: only non-overlapping average pools without padding")
-        partial = self.last_keep is not None and not self.last_keep.all()
-        if next_is_fc and partial and self.avgpool == "sum":
+        if avg_into_fc:
             # The FC after it reads every pre-pool neuron: the pool and the neuron mask both
             # go into its weights (masked neurons get zero outgoing weights, no inf threshold).
             self.fold_pool = (_pair(k), self.shape)
             self.g.nodes[self.last_node] = neuron_node_uniform(self.g.nodes[self.last_node])
-            self.shape = (self.shape[0], *out_hw)
+            self.shape, self.gate = (self.shape[0], *out_hw), None
             return
         if self.avgpool == "sum":
             self.g.add(f"{name}_sum", nir.SumPool2d(kernel_size=_pair(k), stride=_pair(s),
@@ -207,6 +265,22 @@ class _Sequential:
             self.g.add(f"{name}_avg", nir.AvgPool2d(kernel_size=_pair(k), stride=_pair(s),
                                                     padding=_pair(pad)), self.src)
         self.src, self.shape = (f"{name}_sum" if self.avgpool == "sum" else f"{name}_avg"), (self.shape[0], *out_hw)
+
+    def _flat_pool(self, name: str, path: str, p: nn.Module, out_hw) -> None:
+        """A pool on a flat node: the window sum as a Linear (masked inputs' columns zero),
+        then the OR neuron (max-pool) or 1/k^2 into the next weights (average pool)."""
+        k, s, pad = p.kernel_size, p.stride, p.padding
+        ones = _one_hot_conv(self.shape[0], k, s, pad, self.shape[1:]).weight
+        m = _unrolled(ones, self.shape, _pair(s), _pair(pad), (1, 1), self._take_gate())
+        self.g.add(f"{name}_sum", nir.Linear(weight=m), self.src)
+        shape = (self.shape[0], *out_hw)
+        self.src, self.shape = f"{name}_sum", shape
+        if isinstance(p, nn.MaxPool2d):
+            self.g.add(f"{name}_or", or_node((int(np.prod(shape)),)), f"{name}_sum")
+            self.g.map.spiking[f"{name}_or"] = SpikeNode(path, self.channels, np.ones(shape, dtype=bool))
+            self.src = f"{name}_or"
+        else:
+            self.scale *= 1.0 / float(np.prod(_pair(k)))
 
     def flatten_fc(self, path: str, block: LinearSpike) -> None:
         """Flatten (dims -3..-1: batch-agnostic, read alike by every importer) then the FC."""
@@ -220,10 +294,14 @@ class _Sequential:
             w = w * self.last_keep[None]
             self.shape, self.fold_pool = pre_shape, None
         flat = int(np.prod(self.shape))
-        self.g.add(f"{_name(path)}_flat", nir.Flatten(input_type={"input": np.array(self.shape)},
-                                                      start_dim=-3, end_dim=-1), self.src)
-        self.src, self.shape, self.channels = f"{_name(path)}_flat", (flat,), None
-        self._linear(path, block, w.reshape(w.shape[0], flat))
+        gate = self._take_gate()
+        w = w.reshape(w.shape[0], flat) * (1.0 if gate is None else gate.reshape(1, -1))
+        if not self.flat:
+            self.g.add(f"{_name(path)}_flat", nir.Flatten(input_type={"input": np.array(self.shape)},
+                                                          start_dim=-3, end_dim=-1), self.src)
+            self.src = f"{_name(path)}_flat"
+        self.shape, self.channels, self.flat = (flat,), None, True
+        self._linear(path, block, w)
 
     def fc(self, path: str, block: LinearSpike) -> None:
         w = (block.fc.weight.detach().double() * block.fc.keep().double()).numpy()
@@ -263,9 +341,9 @@ def neuron_node_uniform(node: nir.NIRNode) -> nir.NIRNode:
     return type(node)(v_threshold=np.full(thr.shape, value), **params)
 
 
-def _cifar(net: Cifar6Conv2FC, maxpool, avgpool) -> tuple[_Graph, tuple]:
+def _cifar(net: Cifar6Conv2FC, maxpool, avgpool, neuron_masks) -> tuple[_Graph, tuple]:
     g = _Graph(net.input_shape)
-    b = _Sequential(g, net.input_shape, maxpool, avgpool)
+    b = _Sequential(g, net.input_shape, maxpool, avgpool, neuron_masks)
     b.conv("stem", net.stem)
     for i, blk in enumerate(net.stage1):
         b.conv(f"stage1.{i}", blk)
@@ -279,10 +357,10 @@ def _cifar(net: Cifar6Conv2FC, maxpool, avgpool) -> tuple[_Graph, tuple]:
     return g, (b.src, b.shape)
 
 
-def _vgg(net: VGGSNN, maxpool, avgpool) -> tuple[_Graph, tuple]:
+def _vgg(net: VGGSNN, maxpool, avgpool, neuron_masks) -> tuple[_Graph, tuple]:
     T, c, h, w = net.input_shape
     g = _Graph((c, h, w))
-    b = _Sequential(g, (c, h, w), maxpool, avgpool)
+    b = _Sequential(g, (c, h, w), maxpool, avgpool, neuron_masks)
     mods = list(net.features)
     for i, m in enumerate(mods):
         if isinstance(m, ConvBNSpike):
@@ -294,12 +372,15 @@ def _vgg(net: VGGSNN, maxpool, avgpool) -> tuple[_Graph, tuple]:
     return g, (b.src, b.shape)
 
 
-def _sew(net: SEWResNet, maxpool, avgpool) -> tuple[_Graph, tuple]:
+def _sew(net: SEWResNet, maxpool, avgpool, neuron_masks) -> tuple[_Graph, tuple]:
     """SEW-ResNet: every ADD is several edges into each consumer (NIR sums a node's inputs).
 
     Channels cannot be removed where spikes meet in an ADD, so a dead channel is silenced by
     zero weights and bias into it (its potential stays 0 < threshold); partial masks use +inf.
     """
+    if neuron_masks != "threshold":
+        raise NIRExportError("SEW-ResNet: only the 'threshold' neuron-mask encoding (no importer "
+                             "here runs a SEW graph with partial masks; docs/NIR.md)")
     g = _Graph(net.input_shape)
 
     def conv(path, block, sources, in_hw):
@@ -363,14 +444,16 @@ def gt_threshold(threshold: np.ndarray) -> np.ndarray:
 
 
 def build_graph(net: nn.Module, *, model_name: str, metadata: dict | None = None,
-                maxpool: str = "sum", avgpool: str = "sum", firing: str = "gt"
-                ) -> tuple[nir.NIRGraph, NodeMap]:
+                maxpool: str = "sum", avgpool: str = "sum", firing: str = "gt",
+                neuron_masks: str = "threshold") -> tuple[nir.NIRGraph, NodeMap]:
     """The NIR graph of `net` (hard masks set, eval mode) and which of our modules each
     spiking node reproduces. maxpool: "sum" (SumPool2d) or "conv" (one-hot Conv2d, for
     importers that drop SumPool2d padding); avgpool: "sum" (SumPool2d, 1/k^2 into the next
     weights) or "avg" (AvgPool2d node); firing: "gt" writes thresholds for the NIR rule
     v > theta (see gt_threshold), "ge" our own theta, for simulators that fire at v >= theta
-    (SpikingJelly)."""
+    (SpikingJelly); neuron_masks: see NEURON_MASK_ENCODINGS."""
+    if neuron_masks not in NEURON_MASK_ENCODINGS:
+        raise NIRExportError(f"neuron-mask encoding must be one of {NEURON_MASK_ENCODINGS}, got {neuron_masks!r}")
     if maxpool not in MAXPOOL_ENCODINGS:
         raise NIRExportError(f"max-pool encoding must be one of {MAXPOOL_ENCODINGS}, got {maxpool!r}")
     if avgpool not in AVGPOOL_ENCODINGS:
@@ -384,7 +467,7 @@ def build_graph(net: nn.Module, *, model_name: str, metadata: dict | None = None
     if build is None:
         raise NIRExportError(f"no NIR export for {type(net).__name__}")
     with torch.no_grad():
-        g, (src, shape) = build(net, maxpool, avgpool)
+        g, (src, shape) = build(net, maxpool, avgpool, neuron_masks)
     if firing == "gt":
         for name, node in g.nodes.items():
             if isinstance(node, (nir.LIF, nir.IF)) and not name.endswith("_or"):
@@ -392,10 +475,13 @@ def build_graph(net: nn.Module, *, model_name: str, metadata: dict | None = None
     meta = {"model_name": model_name, "T": int(net.T), "dt": DT,
             "dt_convention": "one forward-Euler step of the NIR equations = one time step, "
                              f"dt = {DT} s; LIF tau = 2 dt, r = 1; IF r = 1 / dt",
-            "maxpool": maxpool, "avgpool": avgpool, "firing": firing,
-            "neuron_masks": "dead channels removed (SEW: zero weights and bias into them); other "
-                            "masked neurons: zero outgoing weights where an FC reads them, else "
-                            "v_threshold = +inf",
+            "maxpool": maxpool, "avgpool": avgpool, "firing": firing, "neuron_masks": neuron_masks,
+            "neuron_masks_encoding": "dead channels removed (SEW: zero weights and bias into them); other "
+                                     "masked neurons: zero outgoing weights where an FC reads them, else "
+                                     + ("v_threshold = +inf" if neuron_masks == "threshold" else
+                                        "zero outgoing weights too: from the first conv or pool that reads "
+                                        "one on, every node is flat (C H W order), convs and pools unrolled "
+                                        "into Affine / Linear nodes; every threshold uniform"),
             "vote": "Linear of ones: spike count per class over its group (our mean x group size)",
             "threshold_rule": ("NIR's v > v_threshold; v_threshold is the float32 just below our "
                                "threshold, so that it equals our v >= threshold on float32 potentials"

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         graph = nir.read(args.nir_file)
         meta = graph.metadata
         enc = {k: (meta[k].decode() if isinstance(meta[k], bytes) else str(meta[k]))
-               for k in ("maxpool", "avgpool", "firing") if k in meta}
+               for k in ("maxpool", "avgpool", "firing", "neuron_masks") if k in meta}
         _, node_map = build_graph(run.net, model_name=run.cfg.model.name, **enc)
         loader = run.loader("test", args.batch_size)
     except (DeployError, OSError) as exc:

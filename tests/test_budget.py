@@ -1,7 +1,7 @@
 """Budget mode's controller on a real (small) network: calibration lands in its band and keeps
 the "kept iff alpha > 0" rule; observation steers lambda the right way.
 The end-to-end landing on the demo data is tests/test_sweep.py::test_budget_mode_lands_within_ten_percent
-(SOPs) and tests/test_energy_models.py::test_energy_budget_run_lands_within_ten_percent (energy)."""
+(SOPs) and tests/test_sweep.py::test_energy_budget_sweep_puts_each_trial_on_its_budget (energy)."""
 
 from __future__ import annotations
 

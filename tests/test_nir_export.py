@@ -255,6 +255,53 @@ def test_cifar_round_trip_partial_neuron_masks(fashion):
     assert SNNTORCH_UNIFORM in compare(net, graph, node_map, "snntorch", [fashion]).rejected
 
 
+def _uniform_thresholds(graph) -> bool:
+    return all(np.all(np.isfinite(n.v_threshold)) and np.unique(n.v_threshold).size == 1
+               for n in graph.nodes.values() if isinstance(n, (nir.LIF, nir.IF)))
+
+
+@pytest.mark.parametrize("framework", ["norse", "spikingjelly", "snntorch"])
+def test_cifar_round_trip_partial_neuron_masks_unrolled(fashion, framework):
+    """The other exact encoding: uniform thresholds, masked neurons' outgoing weights zero in
+    convs and pools unrolled into Linear / Affine nodes; every importer runs it exactly."""
+    net = tiny_cifar(partial=True)
+    graph, node_map = build_graph(net, model_name="cifar10_6conv2fc", firing=FIRING[framework],
+                                  neuron_masks="unroll")
+    assert _uniform_thresholds(graph)
+    assert isinstance(graph.nodes["stage1_1_conv"], nir.Affine)  # stage1.0 is partially masked
+    assert graph.metadata["neuron_masks"] == "unroll"
+    assert_exact(compare(net, graph, node_map, framework, [fashion]), 64 * 3 * 1000)
+
+
+def test_unrolled_conv_holds_the_conv_weights_exactly():
+    from deploy.nir_graph import _unrolled
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 3, 3, 3, generator=g)
+    x = torch.randn(2, 3, 7, 6, generator=g)
+    m = _unrolled(w.numpy(), (3, 7, 6), (2, 1), (1, 1), (1, 1))
+    ref = torch.nn.functional.conv2d(x, w, None, (2, 1), (1, 1))
+    torch.testing.assert_close(torch.from_numpy(m) @ x.reshape(2, -1).T, ref.reshape(2, -1).T)
+    # an interior output reads exactly its 27 weights
+    row = m.reshape(5, 4, 6, 3, 7, 6)[4, 2, 3]
+    assert np.array_equal(row[:, 3:6, 2:5], w[4].numpy())
+    assert np.count_nonzero(row) == np.count_nonzero(w[4].numpy())
+    gate = np.ones((3, 7, 6), dtype=bool)
+    gate[1, 4, 3] = False
+    gated = _unrolled(w.numpy(), (3, 7, 6), (2, 1), (1, 1), (1, 1), gate)
+    assert not gated.reshape(-1, 3, 7, 6)[:, 1, 4, 3].any()
+    assert np.array_equal(gated.reshape(-1, 3, 7, 6)[:, 0], m.reshape(-1, 3, 7, 6)[:, 0])
+
+
+def test_sew_refuses_the_unrolled_encoding():
+    from deploy.nir_graph import NIRExportError
+
+    net = harden_randomly(build_model("sew_resnet18", num_classes=10, T=2, width=1 / 16, input_size=32),
+                          partial=True)
+    with pytest.raises(NIRExportError, match="SEW-ResNet"):
+        build_graph(net, model_name="sew_resnet18", neuron_masks="unroll")
+
+
 @pytest.mark.parametrize("avgpool,frameworks", [("sum", ["norse", "spikingjelly", "snntorch"]),
                                                 ("avg", ["spikingjelly", "snntorch"])])
 def test_vgg_round_trip(avgpool, frameworks):
@@ -278,6 +325,11 @@ def test_vgg_partial_masks_last_layer_folded_into_fc():
     x = (torch.rand(16, 3, 2, 16, 16, generator=torch.Generator().manual_seed(4)) < 0.3).float()
     assert_exact(compare(net, graph, node_map, "norse", [(x, torch.zeros(16, dtype=torch.long))]), 1000,
                  output_atol=1e-4)
+    for fw in ("spikingjelly", "snntorch"):
+        graph, node_map = build_graph(net, model_name="vggsnn_dvs", firing=FIRING[fw], neuron_masks="unroll")
+        assert _uniform_thresholds(graph)
+        assert_exact(compare(net, graph, node_map, fw, [(x, torch.zeros(16, dtype=torch.long))]), 1000,
+                     output_atol=1e-4)
 
 
 @pytest.mark.slow
@@ -323,6 +375,9 @@ def test_cli_writes_a_readable_file(tmp_path, capsys):
     graph = nir.read(out)
     assert float(graph.metadata["sops_per_sample"]) == 1234.0
     assert isinstance(graph.nodes["stem_spk"], nir.LIF)
+    assert graph.metadata["neuron_masks"] == "threshold"
+    assert export_main([str(run), "--format", "nir", "--out", str(out), "--neuron-masks", "unroll"]) == 0
+    assert nir.read(out).metadata["neuron_masks"] == "unroll"
 
 
 @pytest.mark.parametrize("case", ["no_masks", "format", "no_dir", "is_dir"])

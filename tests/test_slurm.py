@@ -71,23 +71,9 @@ def artifacts(tracking_uri: str, run_id: str) -> set[str]:
 
 # --------------------------------------------------------------------------- single node
 
-def test_cifar10_script_runs_a_tiny_demo_job_to_its_energy_report(cluster, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
-    job = submit(cluster, "cifar10.sh", tmp_path, CONFIG="configs/demo.yaml", RUN_DIR=str(tmp_path / "run"),
-                 MLFLOW_TRACKING_URI=uri, EXTRA_ARGS=f"{TINY} steps_per_epoch_limit=2 data.batch_size=16")
-    info = finished(cluster, job, tmp_path, timeout=300)
-    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0"
-
-    log = job_log(tmp_path, job)
-    assert "training finished" in log and "world_size=1" in log
-    assert (tmp_path / "run" / "energy_report.json").exists()
-    (run,) = mlflow_runs(uri, "spikeprune-demo")
-    assert run.info.status == "FINISHED"
-    assert "energy_report.json" in artifacts(uri, run.info.run_id)
-    assert run.data.params["data.num_workers"] == "1"  # from --cpus-per-task
-
-
 def test_usr1_checkpoints_requeues_and_resumes_into_the_same_mlflow_run(cluster, tmp_path):
+    """slurm/cifar10.sh on one node: a tiny demo job, preempted by USR1 mid-run, requeued,
+    resumed and finished into the same MLflow run with its energy report."""
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     run_dir = tmp_path / "run"
     steps_per_epoch = 10
@@ -125,6 +111,8 @@ def test_usr1_checkpoints_requeues_and_resumes_into_the_same_mlflow_run(cluster,
     assert "USR1: asking the ranks to checkpoint and stop" in log
     assert f"step stopped with exit 75 after USR1: requeueing job {job}" in log
     assert "restart 1:" in log
+    assert "training finished" in log and "world_size=1" in log
+    assert (run_dir / "energy_report.json").exists()
     resumed = re.findall(r"resuming from \S+ \(step (\d+), (?:search|finetune) epoch 1\)", log)
     total_steps = 2 * steps_per_epoch
     assert len(resumed) == 1 and 0 < int(resumed[0]) < total_steps, log[-4000:]
@@ -132,6 +120,7 @@ def test_usr1_checkpoints_requeues_and_resumes_into_the_same_mlflow_run(cluster,
     (run,) = mlflow_runs(uri, "spikeprune-demo")  # one run, continued after the requeue
     assert run.info.status == "FINISHED"
     assert "energy_report.json" in artifacts(uri, run.info.run_id)
+    assert run.data.params["data.num_workers"] == "1"  # from --cpus-per-task
     import mlflow
 
     history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "train_loss")
