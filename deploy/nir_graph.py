@@ -109,15 +109,16 @@ def _unrolled(weight: np.ndarray, in_shape, stride, padding, dilation, gate: np.
     conv's every weight bit for bit."""
     w = torch.from_numpy(_f32(weight))
     n = int(np.prod(in_shape))
-    out_hw = _pool_out(in_shape[1:], w.shape[2:], stride, padding)
-    m = np.empty((w.shape[0] * int(np.prod(out_hw)), n), dtype=np.float32)
+    m = None
     for start in range(0, n, UNROLL_CHUNK):
         stop = min(n, start + UNROLL_CHUNK)
         eye = torch.zeros(stop - start, n)
         eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
         out = nn.functional.conv2d(eye.view(stop - start, *in_shape), w, None, tuple(stride), tuple(padding),
-                                   tuple(dilation))
-        m[:, start:stop] = out.reshape(stop - start, -1).T.numpy()
+                                   tuple(dilation)).reshape(stop - start, -1)
+        if m is None:
+            m = np.empty((out.shape[1], n), dtype=np.float32)
+        m[:, start:stop] = out.T.numpy()
     if gate is not None:
         m *= gate.reshape(1, -1).astype(np.float32)
     return m
@@ -127,11 +128,16 @@ def _pool_out(hw, k, s, p):
     return tuple((n + 2 * pp - kk) // ss + 1 for n, kk, ss, pp in zip(hw, _pair(k), _pair(s), _pair(p)))
 
 
-def _one_hot_conv(channels: int, k, s, p, hw) -> nir.Conv2d:
-    """Sum-pool as a conv: channel c's window summed into channel c (zero padding)."""
-    kh, kw = _pair(k)
-    w = np.zeros((channels, channels, kh, kw), dtype=np.float32)
+def _one_hot_weight(channels: int, k) -> np.ndarray:
+    """Sum-pool as conv weights: channel c's window summed into channel c."""
+    w = np.zeros((channels, channels, *_pair(k)), dtype=np.float32)
     w[np.arange(channels), np.arange(channels)] = 1.0
+    return w
+
+
+def _one_hot_conv(channels: int, k, s, p, hw) -> nir.Conv2d:
+    """Sum-pool as a conv node (zero padding)."""
+    w = _one_hot_weight(channels, k)
     return nir.Conv2d(input_shape=tuple(hw), weight=w, stride=tuple(_pair(s)), padding=tuple(_pair(p)),
                       dilation=(1, 1), groups=1, bias=np.zeros(channels, dtype=np.float32))
 
@@ -215,12 +221,17 @@ class _Sequential:
 
     def _go_flat(self, path: str) -> bool:
         """With `unroll`, every node from the first consumer of a gated node on is flat (NIR
-        has no unflatten); a Flatten node starts it. Returns whether this consumer is flat."""
-        if self.gate is not None and not self.flat:
+        has no unflatten). Returns whether this consumer is flat."""
+        if self.gate is not None:
+            self._flatten(path)
+        return self.flat
+
+    def _flatten(self, path: str) -> None:
+        """Flatten `src` (dims -3..-1: batch-agnostic, read alike by every importer), once."""
+        if not self.flat:
             self.g.add(f"{_name(path)}_flat", nir.Flatten(input_type={"input": np.array(self.shape)},
                                                           start_dim=-3, end_dim=-1), self.src)
             self.src, self.flat = f"{_name(path)}_flat", True
-        return self.flat
 
     def _take_gate(self) -> np.ndarray | None:
         """The keep map of `src` for its flat consumer to zero its masked neurons' columns."""
@@ -270,8 +281,8 @@ class _Sequential:
         """A pool on a flat node: the window sum as a Linear (masked inputs' columns zero),
         then the OR neuron (max-pool) or 1/k^2 into the next weights (average pool)."""
         k, s, pad = p.kernel_size, p.stride, p.padding
-        ones = _one_hot_conv(self.shape[0], k, s, pad, self.shape[1:]).weight
-        m = _unrolled(ones, self.shape, _pair(s), _pair(pad), (1, 1), self._take_gate())
+        m = _unrolled(_one_hot_weight(self.shape[0], k), self.shape, _pair(s), _pair(pad), (1, 1),
+                      self._take_gate())
         self.g.add(f"{name}_sum", nir.Linear(weight=m), self.src)
         shape = (self.shape[0], *out_hw)
         self.src, self.shape = f"{name}_sum", shape
@@ -283,7 +294,7 @@ class _Sequential:
             self.scale *= 1.0 / float(np.prod(_pair(k)))
 
     def flatten_fc(self, path: str, block: LinearSpike) -> None:
-        """Flatten (dims -3..-1: batch-agnostic, read alike by every importer) then the FC."""
+        """Flatten (unless `src` is flat already) then the FC."""
         w = (block.fc.weight.detach().double() * block.fc.keep().double()).numpy()
         c_all = block.fc.in_features // int(np.prod(self.shape[1:]))
         w = w.reshape(w.shape[0], c_all, *self.shape[1:])[:, self.channels] * self.scale
@@ -296,11 +307,8 @@ class _Sequential:
         flat = int(np.prod(self.shape))
         gate = self._take_gate()
         w = w.reshape(w.shape[0], flat) * (1.0 if gate is None else gate.reshape(1, -1))
-        if not self.flat:
-            self.g.add(f"{_name(path)}_flat", nir.Flatten(input_type={"input": np.array(self.shape)},
-                                                          start_dim=-3, end_dim=-1), self.src)
-            self.src = f"{_name(path)}_flat"
-        self.shape, self.channels, self.flat = (flat,), None, True
+        self._flatten(path)
+        self.shape, self.channels = (flat,), None
         self._linear(path, block, w)
 
     def fc(self, path: str, block: LinearSpike) -> None:
