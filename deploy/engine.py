@@ -10,6 +10,7 @@ tables (docs/DEPLOY.md, GPU), selected here.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from deploy.engine_compile import Program, compile_network
-from deploy.engine_kernels import run_batch
+from deploy.engine_kernels import run_batch, run_chunk, vote, workspace
 from deploy.rundir import DeployError
 
 
@@ -39,6 +40,8 @@ class EngineResult:
 class EventEngine:
     def __init__(self, net: torch.nn.Module):
         self.program: Program = compile_network(net)
+        self._workspaces: dict[int, tuple[np.ndarray, ...]] = {}  # per thread count
+        self._lock = threading.Lock()  # one call at a time owns the workspaces
 
     @classmethod
     def from_run(cls, run) -> EventEngine:
@@ -50,32 +53,41 @@ class EventEngine:
         return list(self.program.counted)
 
     def _input(self, x) -> np.ndarray:
+        """[N, input steps, input size], float32 or float64 as given (the kernel reads either
+        into float64)."""
         x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         shape = self.program.input_shape
         if tuple(x.shape[1:]) != shape:
             raise DeployError(f"input of shape {tuple(x.shape)}: the network takes [N, {', '.join(map(str, shape))}]")
         steps = shape[0] if len(shape) == 4 else 1  # event frames [N, T, C, H, W] or an image
-        return np.ascontiguousarray(x.reshape(x.shape[0], steps, -1), dtype=np.float64)
+        dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
+        return np.ascontiguousarray(x.reshape(x.shape[0], steps, -1), dtype=dtype)
 
     def run(self, x, *, threads: int | None = None, record: bool = False) -> EngineResult:
         """Class scores, SOP counts and (record) every spiking layer's spikes for one batch."""
         p = self.program
         xin = self._input(x)
         n = xin.shape[0]
-        threads = max(1, min(threads or numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        numba.set_num_threads(threads)
-        chunks = np.linspace(0, n, min(n, threads) + 1).round().astype(np.int64)
+        threads = max(1, min(threads or numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n))
         out = np.zeros((n, p.T, p.out_size), np.float64)
         sops = np.zeros((n, len(p.counted)), np.float64)
         rec = np.zeros((n, p.T, p.rec_size) if record else (1, 1, 1), np.uint8)
         a = p.arrays
-        run_batch(xin, p.T, a["ops"], a["lay"], a["maps"], a["ptr"], a["ent"], a["wts"], a["bias"], a["live"],
-                  a["livec"], a["livemask"], a["taus"], a["sizes"], out, sops, rec, record, chunks)
-        out = out.transpose(1, 0, 2)
-        if p.vote:
-            out = out.reshape(p.T, n, p.num_classes, -1).mean(-1)
+        tables = (p.T, a["ops"], a["lay"], a["maps"], a["ptr"], a["idx"], a["wts"], a["bias"], a["lbias"],
+                  a["lbase"], a["live"], a["inv_taus"], out, sops, rec, record)
+        with self._lock:
+            ws = self._workspaces.get(threads)
+            if ws is None:
+                ws = self._workspaces[threads] = workspace(a["sizes"], a["maps"].shape[0], threads)
+            if threads == 1:  # no thread start for one chunk
+                run_chunk(xin, *tables, 0, n, 0, *ws)
+            else:
+                numba.set_num_threads(threads)
+                chunks = (np.arange(threads + 1) * n) // threads
+                run_batch(xin, *tables, chunks, *ws)
+        out, logits = vote(out, p.out_size // p.num_classes if p.vote else 1)
         spikes = None
         if record:
             spikes = {name: rec[:, :, off:off + int(np.prod(chw))].reshape(n, p.T, *chw).transpose(1, 0, 2, 3, 4)
                       for name, (off, chw) in p.recorded.items()}
-        return EngineResult(out=out, logits=out.mean(0), sops=sops, layers=list(p.counted), spikes=spikes)
+        return EngineResult(out=out, logits=logits, sops=sops, layers=list(p.counted), spikes=spikes)

@@ -1,25 +1,34 @@
-"""The event-driven inference kernel (docs/DEPLOY.md): one numba function runs a whole batch.
+"""The event-driven inference kernel (docs/DEPLOY.md): numba functions that run a whole batch.
 
 A compiled network is a short program of ops over integer tables (deploy/engine_compile.py
 writes them). Each thread takes a chunk of samples and runs every sample time step by time
-step through all ops with its own small workspace (one membrane potential per live neuron,
-one event list per activation map), so memory does not grow with the batch and there is no
-Python in the loop over events, neurons or time.
+step through all ops with its own workspace (one membrane potential per live neuron, one
+event list per activation map, made once per engine), so memory does not grow with the batch
+and there is no Python in the loop over events, neurons or time. Each op is its own small
+function over 1-D views: the compiler optimises a short loop far better than one long one.
+
+An event is its flat index in its map and its value (a spike 1, an average-pooled event k/4,
+a SEW sum its multiplicity): every op finds its targets through a table row of that index,
+so no op computes coordinates.
 
 Ops (column 0 of `ops`):
-- GATHER: a dense first layer (it sees pixels or event frames): the current of each live
-  neuron is the sum of its kept weights times the input; a static layer computes it once per
-  sample and replays it every time step.
-- SCATTER: every event of the input map adds value x weight to each kept synapse's target,
-  if that target is live; `sops` counts value per addition (a spike 1, an average-pooled
-  event k/4, a SEW sum its multiplicity: the energy report's quantity, docs/METHOD.md §5).
+- GATHER: a dense first layer (it sees pixels or event frames): per output channel, the
+  channel's map from a zero-padded input, vectorised, read at the live neurons; a static layer
+  computes it once per sample and replays it every time step.
+- SCATTER: every event adds value x weight along its row (the kept synapses that land on live
+  neurons); a "dense" layer (an FC layer that keeps most synapses) stores full rows with the
+  pruned weights as 0, which vectorises and adds the same sums. `sops` counts value per kept
+  synapse: the energy report's quantity (docs/METHOD.md §5).
 - NEURON: LIF or IF update of the live neurons only, spikes out as events.
 - OUTPUT: a real-valued layer (VGG vote layer, SEW head): current + bias per output.
-- MAXPOOL / AVGPOOL / ADD: event maps to event maps.
+- MAXPOOL / AVGPOOL (a row per input position: the pooled outputs whose window holds it) and
+  ADD (the same positions in both maps): event maps to event maps.
 
 Arithmetic is float64 throughout: inputs are exact small dyadic numbers and weights are
 float32 values folded with BatchNorm in float64, so each current is the exact one to ~1e-16
-relative, far below float32 rounding (docs/DEPLOY.md, exactness).
+relative, far below float32 rounding (docs/DEPLOY.md, exactness). Each neuron's sum takes its
+terms in one fixed order (events in order, kernel entries in PyTorch's (ci, ky, kx) order); a
+pruned weight stored as 0 adds exactly 0.
 """
 
 from __future__ import annotations
@@ -30,229 +39,280 @@ from numba import njit, prange
 GATHER, SCATTER, NEURON, OUTPUT, MAXPOOL, AVGPOOL, ADD = range(7)
 
 # columns of the per-layer table `lay`
-(L_CIN, L_HIN, L_WIN, L_COUT, L_HOUT, L_WOUT, L_STRIDE, L_PAD, L_PTR, L_LIVE, L_NLIVE,
- L_MASK, L_V, L_STATIC, L_SOFF, L_KIND, L_COUNT, L_REC, L_OUTSPIKE, L_BIAS) = range(20)
-LAY_COLS = 20
+(L_COUT, L_PTR, L_LIVE, L_NLIVE, L_V, L_STATIC, L_SOFF, L_KIND, L_COUNT, L_REC, L_OUTSPIKE,
+ L_BIAS, L_CIN, L_HIN, L_WIN, L_PAD, L_DENSE, L_HOUT, L_WOUT, L_STRIDE, L_SIZE) = range(21)
+LAY_COLS = 21
 # columns of the map table `maps`: offset into the event buffers, size, C, H, W
 M_OFF, M_SIZE, M_C, M_H, M_W = range(5)
 KIND_LIF, KIND_IF = 0, 1
+_JIT = dict(cache=True, fastmath=False, boundscheck=False)
 
 
-@njit(cache=True, inline="always")
-def _div(a, s):
-    """Floor division by a stride: shifts for 1 and 2 (a 64-bit idiv costs ~40 cycles)."""
-    if s == 1:
-        return a
-    if s == 2:
-        return a >> 1
-    return a // s
+@njit(**_JIT)
+def _gather(xt, cin, hin, win, pd, hout, wout, s, xpad, eptr, kptr, idx, wts, pos, cur, plane):
+    """cur[k] of each live neuron of the first layer. Per output channel its whole map is
+    computed from the zero-padded input, weight by weight over contiguous rows (vectorised:
+    the layer has no neuron mask, so its weighted channels are live nearly everywhere), and
+    the live neurons read at their positions `pos`."""
+    hp, wp = hin + 2 * pd, win + 2 * pd
+    xpad[:cin * hp * wp] = 0.0
+    for ci in range(cin):
+        for yy in range(hin):
+            dst = (ci * hp + yy + pd) * wp + pd
+            xpad[dst:dst + win] = xt[(ci * hin + yy) * win:(ci * hin + yy + 1) * win]
+    for co in range(eptr.size - 1):
+        k0, k1 = kptr[co], kptr[co + 1]
+        if k1 == k0:
+            continue
+        plane[:hout * wout] = 0.0
+        for e in range(eptr[co], eptr[co + 1]):
+            w = wts[e]
+            off = idx[e]
+            for oy in range(hout):
+                a = plane[oy * wout:(oy + 1) * wout]
+                src = oy * s * wp + off
+                if s == 1:  # unit stride: views the compiler vectorises
+                    b = xpad[src:src + wout]
+                    for ox in range(wout):
+                        a[ox] += w * b[ox]
+                else:
+                    for ox in range(wout):
+                        a[ox] += w * xpad[src + ox * s]
+        for k in range(k0, k1):
+            cur[k] = plane[pos[k]]
 
 
-@njit(cache=True, fastmath=False, boundscheck=False)
-def _sample(x, n, T, key0, ops, lay, maps, ptr, ent, wts, bias, live, livec, livemask, taus,
-            out, sops, rec, record, ev_c, ev_y, ev_x, ev_val, ev_cnt, acc, vstate, static, dense,
-            stamp):
+@njit(**_JIT)
+def _scatter(ev, val, rptr, idx, wts, acc):
+    """Each event adds value x weight along its row; returns the value-weighted synapse count."""
+    counted = 0.0
+    for q in range(ev.size):
+        v = val[q]
+        i = ev[q]
+        e0, e1 = rptr[i], rptr[i + 1]
+        for e in range(e0, e1):
+            acc[idx[e]] += wts[e] * v
+        counted += v * (e1 - e0)
+    return counted
+
+
+@njit(**_JIT)
+def _scatter_dense(ev, val, rptr, kept, wts, acc):
+    """Rows of all live targets (row length = acc.size, pruned weights 0); `kept` counts a
+    row's kept synapses."""
+    counted = 0.0
+    nl = acc.size
+    for q in range(ev.size):
+        v = val[q]
+        i = ev[q]
+        e0 = rptr[i]
+        if rptr[i + 1] > e0:
+            w = wts[e0:e0 + nl]
+            for k in range(nl):
+                acc[k] += w[k] * v
+            counted += v * kept[i]
+    return counted
+
+
+@njit(**_JIT)
+def _neuron(acc, lb, vs, spk, live, ev, val, is_lif, inv_tau):
+    """Update, reset and fire the live neurons; their spikes out as events; returns the count.
+    LIF multiplies by 1 / tau (exact for the usual tau = 2; otherwise within 1 float64 ulp of
+    the division, far below the float32 rounding of the reference)."""
+    nl = lb.size
+    if is_lif:  # no branch in the update: the compiler vectorises it
+        for k in range(nl):
+            v = vs[k]
+            h = v + (acc[k] + lb[k] - v) * inv_tau
+            acc[k] = 0.0
+            f = h >= 1.0
+            spk[k] = f
+            vs[k] = 0.0 if f else h
+    else:
+        for k in range(nl):
+            h = vs[k] + (acc[k] + lb[k])
+            acc[k] = 0.0
+            f = h >= 1.0
+            spk[k] = f
+            vs[k] = 0.0 if f else h
+    c = 0
+    for k in range(nl):  # every neuron written, only a spike advances: no branch
+        ev[c] = live[k]
+        c += spk[k]
+    val[:c] = 1.0
+    return c
+
+
+@njit(**_JIT)
+def _pool(ev, val, rptr, idx, is_max, inv, key, stamp, dense, out_ev, out_val):
+    """Events to the pooled outputs whose window holds them (a row per input position), in
+    first-touch order; max or mean (inv = 1 / window size) of the values."""
+    c = 0
+    for q in range(ev.size):
+        v = val[q]
+        i = ev[q]
+        for e in range(rptr[i], rptr[i + 1]):
+            j = idx[e]
+            if stamp[j] != key:
+                stamp[j] = key
+                dense[j] = 0.0
+                out_ev[c] = j
+                c += 1
+            if is_max:
+                dense[j] = max(dense[j], v)
+            else:
+                dense[j] += v
+    for q in range(c):
+        out_val[q] = dense[out_ev[q]] * inv
+    return c
+
+
+@njit(**_JIT)
+def _union(ev, val, c, key, stamp, dense, out_ev):
+    for q in range(ev.size):
+        j = ev[q]
+        if stamp[j] != key:
+            stamp[j] = key
+            dense[j] = 0.0
+            out_ev[c] = j
+            c += 1
+        dense[j] += val[q]
+    return c
+
+
+@njit(**_JIT)
+def _add(ev_a, val_a, ev_b, val_b, key, stamp, dense, out_ev, out_val):
+    """SEW ADD: the union of two event maps over the same positions, values summed."""
+    c = _union(ev_a, val_a, 0, key, stamp, dense, out_ev)
+    c = _union(ev_b, val_b, c, key, stamp, dense, out_ev)
+    for q in range(c):
+        out_val[q] = dense[out_ev[q]]
+    return c
+
+
+@njit(**_JIT)
+def _sample(x, n, T, key0, ops, lay, maps, ptr, idx, wts, bias, lbias, lbase, live, inv_taus,
+            out, sops, rec, record, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense, stamp, xpad):
     """One sample through all ops and time steps; workspace arrays are the thread's own.
-    Events are (channel, row, column) triples, so no op divides to find where a spike is."""
+    `acc` holds the input current of the layer being computed, indexed by live neuron (rows
+    store those indices). Stamps are unique per (sample, step, op): key0 + t * ops + o."""
     vstate[:] = 0.0
     n_in_t = x.shape[1]
     n_ops = ops.shape[0]
     for t in range(T):
         for o in range(n_ops):
             kind = ops[o, 0]
+            g = ops[o, 3]
             if kind == GATHER:
-                g = ops[o, 3]
-                nl = lay[g, L_NLIVE]
-                lo = lay[g, L_LIVE]
-                so = lay[g, L_SOFF]
+                nl, lo, so = lay[g, L_NLIVE], lay[g, L_LIVE], lay[g, L_SOFF]
                 is_static = lay[g, L_STATIC] != 0
                 if (not is_static) or t == 0:
-                    ti = 0 if (is_static or n_in_t == 1) else t
-                    hin, win = lay[g, L_HIN], lay[g, L_WIN]
-                    s, p = lay[g, L_STRIDE], lay[g, L_PAD]
-                    pbase = lay[g, L_PTR]
-                    for k in range(nl):
-                        co = livec[lo + k, 0]
-                        by = livec[lo + k, 1] * s - p
-                        bx = livec[lo + k, 2] * s - p
-                        total = 0.0
-                        for e in range(ptr[pbase + co], ptr[pbase + co + 1]):
-                            iy = by + ent[e, 1]
-                            ix = bx + ent[e, 2]
-                            if iy >= 0 and iy < hin and ix >= 0 and ix < win:
-                                total += wts[e] * x[n, ti, (ent[e, 0] * hin + iy) * win + ix]
-                        static[so + k] = total
-                for k in range(nl):
-                    acc[live[lo + k]] = static[so + k]
+                    pb, cout = lay[g, L_PTR], lay[g, L_COUT]
+                    _gather(x[n, 0 if (is_static or n_in_t == 1) else t], lay[g, L_CIN], lay[g, L_HIN],
+                            lay[g, L_WIN], lay[g, L_PAD], lay[g, L_HOUT], lay[g, L_WOUT], lay[g, L_STRIDE], xpad, ptr[pb:pb + cout + 1], ptr[pb + cout + 1:pb + 2 * cout + 2],
+                            idx, wts, lbase[lo:lo + nl], static[so:so + nl], dense)
+                acc[:nl] = static[so:so + nl]
             elif kind == SCATTER:
                 m = ops[o, 1]
-                g = ops[o, 3]
-                moff = maps[m, M_OFF]
-                mh, mw = maps[m, M_H], maps[m, M_W]
-                flat = lay[g, L_HIN] == 1 and lay[g, L_WIN] == 1 and mh * mw > 1
-                hout, wout = lay[g, L_HOUT], lay[g, L_WOUT]
-                hw_out = hout * wout
-                s, p = lay[g, L_STRIDE], lay[g, L_PAD]
-                pbase = lay[g, L_PTR]
-                mbase = lay[g, L_MASK]
-                slot = lay[g, L_COUNT]
-                counted = 0.0
-                for q in range(ev_cnt[m]):
-                    val = ev_val[moff + q]
-                    if flat:  # an FC layer reads the flattened map
-                        ci = (ev_c[moff + q] * mh + ev_y[moff + q]) * mw + ev_x[moff + q]
-                        y = 0
-                        xx = 0
-                    else:
-                        ci = ev_c[moff + q]
-                        y = ev_y[moff + q] + p
-                        xx = ev_x[moff + q] + p
-                    for e in range(ptr[pbase + ci], ptr[pbase + ci + 1]):
-                        ny = y - ent[e, 1]
-                        nx = xx - ent[e, 2]
-                        if ny < 0 or nx < 0:
-                            continue
-                        if s != 1:
-                            oy = _div(ny, s)
-                            ox = _div(nx, s)
-                            if oy * s != ny or ox * s != nx:
-                                continue
-                        else:
-                            oy = ny
-                            ox = nx
-                        if oy >= hout or ox >= wout:
-                            continue
-                        j = ent[e, 0] * hw_out + oy * wout + ox
-                        if livemask[mbase + j]:
-                            acc[j] += wts[e] * val
-                            counted += val
-                if slot >= 0:
-                    sops[n, slot] += counted
+                a, b = maps[m, M_OFF], maps[m, M_OFF] + ev_cnt[m]
+                pb = lay[g, L_PTR]
+                if lay[g, L_DENSE] != 0:
+                    size = lay[g, L_SIZE]
+                    counted = _scatter_dense(ev_i[a:b], ev_val[a:b], ptr[pb:pb + size + 1],
+                                             ptr[pb + size + 1:pb + 2 * size + 1], wts, acc[:lay[g, L_NLIVE]])
+                else:
+                    counted = _scatter(ev_i[a:b], ev_val[a:b], ptr[pb:], idx, wts, acc)
+                if lay[g, L_COUNT] >= 0:
+                    sops[n, lay[g, L_COUNT]] += counted
             elif kind == NEURON:
-                g = ops[o, 3]
                 m = ops[o, 2]
                 moff = maps[m, M_OFF]
-                nl = lay[g, L_NLIVE]
-                lo = lay[g, L_LIVE]
-                vo = lay[g, L_V]
-                bo = lay[g, L_BIAS]
-                is_lif = lay[g, L_KIND] == KIND_LIF
-                tau = taus[g]
-                ro = lay[g, L_REC]
-                outspike = lay[g, L_OUTSPIKE] != 0
-                c = 0
-                for k in range(nl):
-                    j = live[lo + k]
-                    cur = acc[j] + bias[bo + livec[lo + k, 0]]
-                    acc[j] = 0.0
-                    v = vstate[vo + k]
-                    if is_lif:
-                        h = v + (cur - v) / tau
-                    else:
-                        h = v + cur
-                    if h >= 1.0:
-                        vstate[vo + k] = 0.0
-                        ev_c[moff + c] = livec[lo + k, 0]
-                        ev_y[moff + c] = livec[lo + k, 1]
-                        ev_x[moff + c] = livec[lo + k, 2]
-                        ev_val[moff + c] = 1.0
-                        c += 1
-                        if record:
-                            rec[n, t, ro + j] = 1
-                        if outspike:
-                            out[n, t, j] = 1.0
-                    else:
-                        vstate[vo + k] = h
+                nl, lo, vo = lay[g, L_NLIVE], lay[g, L_LIVE], lay[g, L_V]
+                c = _neuron(acc, lbias[lo:lo + nl], vstate[vo:vo + nl], spk, live[lo:lo + nl], ev_i[moff:],
+                            ev_val[moff:], lay[g, L_KIND] == KIND_LIF, inv_taus[g])
                 ev_cnt[m] = c
-            elif kind == OUTPUT:
-                g = ops[o, 3]
+                if record:
+                    ro = lay[g, L_REC]
+                    for q in range(c):
+                        rec[n, t, ro + ev_i[moff + q]] = 1
+                if lay[g, L_OUTSPIKE] != 0:
+                    for q in range(c):
+                        out[n, t, ev_i[moff + q]] = 1.0
+            elif kind == OUTPUT:  # every neuron of a real-valued layer is live: index = output
                 bo = lay[g, L_BIAS]
                 for j in range(lay[g, L_COUT]):
                     out[n, t, j] = acc[j] + bias[bo + j]
                     acc[j] = 0.0
             elif kind == MAXPOOL or kind == AVGPOOL:
                 mi, mo = ops[o, 1], ops[o, 2]
-                k_, s, p = ops[o, 4], ops[o, 5], ops[o, 6]
-                hout, wout = maps[mo, M_H], maps[mo, M_W]
-                ioff, ooff = maps[mi, M_OFF], maps[mo, M_OFF]
-                key = key0 + t * n_ops + o
-                c = 0
-                for q in range(ev_cnt[mi]):
-                    val = ev_val[ioff + q]
-                    ch = ev_c[ioff + q]
-                    y = ev_y[ioff + q] + p
-                    xx = ev_x[ioff + q] + p
-                    # pooled outputs whose window [o*s - p, o*s - p + k) holds the event
-                    oy0 = max(0, _div(y - k_ + s, s))
-                    oy1 = min(hout - 1, _div(y, s))
-                    ox0 = max(0, _div(xx - k_ + s, s))
-                    ox1 = min(wout - 1, _div(xx, s))
-                    for oy in range(oy0, oy1 + 1):
-                        for ox in range(ox0, ox1 + 1):
-                            j = (ch * hout + oy) * wout + ox
-                            if stamp[j] != key:
-                                stamp[j] = key
-                                dense[j] = 0.0
-                                ev_c[ooff + c] = ch
-                                ev_y[ooff + c] = oy
-                                ev_x[ooff + c] = ox
-                                c += 1
-                            if kind == MAXPOOL:
-                                dense[j] = max(dense[j], val)
-                            else:
-                                dense[j] += val
-                inv = 1.0 / (k_ * k_)
-                for q in range(c):
-                    j = (ev_c[ooff + q] * hout + ev_y[ooff + q]) * wout + ev_x[ooff + q]
-                    ev_val[ooff + q] = dense[j] * inv if kind == AVGPOOL else dense[j]
-                ev_cnt[mo] = c
+                a, b = maps[mi, M_OFF], maps[mi, M_OFF] + ev_cnt[mi]
+                ooff = maps[mo, M_OFF]
+                win = ops[o, 4]
+                ev_cnt[mo] = _pool(ev_i[a:b], ev_val[a:b], ptr[ops[o, 5]:], idx, kind == MAXPOOL,
+                                   1.0 if kind == MAXPOOL else 1.0 / (win * win), key0 + t * n_ops + o, stamp,
+                                   dense, ev_i[ooff:], ev_val[ooff:])
             elif kind == ADD:
                 ma, mb, mo = ops[o, 1], ops[o, 4], ops[o, 2]
-                hh, ww = maps[mo, M_H], maps[mo, M_W]
+                a, b = maps[ma, M_OFF], maps[ma, M_OFF] + ev_cnt[ma]
+                c, d = maps[mb, M_OFF], maps[mb, M_OFF] + ev_cnt[mb]
                 ooff = maps[mo, M_OFF]
-                key = key0 + t * n_ops + o
-                c = 0
-                for src in (ma, mb):
-                    soff = maps[src, M_OFF]
-                    for q in range(ev_cnt[src]):
-                        j = (ev_c[soff + q] * hh + ev_y[soff + q]) * ww + ev_x[soff + q]
-                        if stamp[j] != key:
-                            stamp[j] = key
-                            dense[j] = 0.0
-                            ev_c[ooff + c] = ev_c[soff + q]
-                            ev_y[ooff + c] = ev_y[soff + q]
-                            ev_x[ooff + c] = ev_x[soff + q]
-                            c += 1
-                        dense[j] += ev_val[soff + q]
-                for q in range(c):
-                    j = (ev_c[ooff + q] * hh + ev_y[ooff + q]) * ww + ev_x[ooff + q]
-                    ev_val[ooff + q] = dense[j]
-                ev_cnt[mo] = c
+                ev_cnt[mo] = _add(ev_i[a:b], ev_val[a:b], ev_i[c:d], ev_val[c:d], key0 + t * n_ops + o, stamp,
+                                  dense, ev_i[ooff:], ev_val[ooff:])
+
+
+def workspace(sizes: np.ndarray, n_maps: int, n_chunks: int) -> tuple[np.ndarray, ...]:
+    """Per-thread scratch, made once per engine and thread count: fresh arrays on every call
+    would cost more page faults than a small network's whole inference at batch 1. The last
+    array is each thread's stamp clock, so stamps never need clearing."""
+    n_ev, big, n_v, n_s, n_pad = (int(v) for v in sizes)
+    return (np.empty((n_chunks, n_ev), np.int32), np.empty((n_chunks, n_ev), np.float64),
+            np.zeros((n_chunks, n_maps), np.int64), np.zeros((n_chunks, big), np.float64),
+            np.zeros((n_chunks, big), np.bool_), np.zeros((n_chunks, max(n_v, 1)), np.float64),
+            np.zeros((n_chunks, max(n_s, 1)), np.float64), np.zeros((n_chunks, big), np.float64),
+            np.full((n_chunks, big), -1, np.int64), np.zeros((n_chunks, n_pad), np.float64),
+            np.zeros(n_chunks, np.int64))
+
+
+@njit(**_JIT)
+def run_chunk(x, T, ops, lay, maps, ptr, idx, wts, bias, lbias, lbase, live, inv_taus, out, sops, rec,
+              record, lo, hi, c, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense, stamp, xpad, clock):
+    """Samples lo..hi-1 on this thread, with row c of each workspace array."""
+    for n in range(lo, hi):
+        ev_cnt[c, :] = 0
+        _sample(x, n, T, clock[c], ops, lay, maps, ptr, idx, wts, bias, lbias, lbase, live, inv_taus,
+                out, sops, rec, record, ev_i[c], ev_val[c], ev_cnt[c], acc[c], spk[c], vstate[c], static[c],
+                dense[c], stamp[c], xpad[c])
+        clock[c] += T * ops.shape[0]
 
 
 @njit(cache=True, parallel=True, fastmath=False, boundscheck=False)
-def run_batch(x, T, ops, lay, maps, ptr, ent, wts, bias, live, livec, livemask, taus, sizes,
-              out, sops, rec, record, chunks):
+def run_batch(x, T, ops, lay, maps, ptr, idx, wts, bias, lbias, lbase, live, inv_taus, out, sops, rec,
+              record, chunks, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense, stamp, xpad, clock):
     """x [N, T_in, input size] float64 -> out [N, T, K], sops [N, counted layers], rec.
 
-    `sizes` = (total event slots, largest map, live neurons, gathered neurons); `chunks` + 1
-    boundaries split the samples among threads, each with one workspace."""
-    n_chunks = chunks.shape[0] - 1
-    for c in prange(n_chunks):
-        ev_c = np.empty(sizes[0], np.int32)
-        ev_y = np.empty(sizes[0], np.int32)
-        ev_x = np.empty(sizes[0], np.int32)
-        ev_val = np.empty(sizes[0], np.float64)
-        ev_cnt = np.zeros(maps.shape[0], np.int64)
-        acc = np.zeros(sizes[1], np.float64)
-        dense = np.zeros(sizes[1], np.float64)
-        stamp = np.full(sizes[1], -1, np.int64)
-        vstate = np.zeros(max(sizes[2], 1), np.float64)
-        static = np.zeros(max(sizes[3], 1), np.float64)
-        for n in range(chunks[c], chunks[c + 1]):
-            ev_cnt[:] = 0
-            # stamps are unique per (sample, step, op): no per-sample reset of `stamp`
-            key0 = (n - chunks[c]) * T * ops.shape[0]
-            _sample(x, n, T, key0, ops, lay, maps, ptr, ent, wts, bias, live, livec, livemask, taus,
-                    out, sops, rec, record, ev_c, ev_y, ev_x, ev_val, ev_cnt, acc, vstate, static,
-                    dense, stamp)
+    `chunks` + 1 boundaries split the samples among threads, chunk c using workspace row c
+    (`workspace`). One chunk: call `run_chunk` directly, no thread start."""
+    for c in prange(chunks.shape[0] - 1):
+        run_chunk(x, T, ops, lay, maps, ptr, idx, wts, bias, lbias, lbase, live, inv_taus, out, sops, rec,
+                  record, chunks[c], chunks[c + 1], c, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense,
+                  stamp, xpad, clock)
+
+
+@njit(**_JIT)
+def vote(out, groups):
+    """out [N, T, K * groups] -> ([T, N, K] mean of each class's group, [N, K] mean over T)."""
+    n, t_steps, width = out.shape
+    k = width // groups
+    voted = np.zeros((t_steps, n, k))
+    logits = np.zeros((n, k))
+    for i in range(n):
+        for t in range(t_steps):
+            for c in range(k):
+                s = 0.0
+                for j in range(groups):
+                    s += out[i, t, c * groups + j]
+                voted[t, i, c] = s / groups
+                logits[i, c] += voted[t, i, c]
+        for c in range(k):
+            logits[i, c] /= t_steps
+    return voted, logits

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deploy.engine import EventEngine
+from deploy.engine_kernels import L_DENSE
 from deploy.rundir import DeployError, open_run
 from model import build_model
 from model.energy_count import measure_energy
@@ -81,6 +82,17 @@ def test_cifar_net_exact_on_real_images(demo_images):
     assert sum(int(s.sum()) for s in res.spikes.values()) > 0
     stats = EventEngine(net).program.stats
     assert stats["stage1.0.conv"]["live_neurons"] < stats["stage1.0.conv"]["neurons"]
+
+
+def test_full_and_compressed_rows_both_exact(demo_images):
+    """Half the masks kept: the FC layers' rows are stored full (pruned weights 0); a tenth
+    kept: compressed rows everywhere. Both give PyTorch's spikes and the report's SOPs."""
+    for keep, dense in ((0.5, 1), (0.1, 0)):
+        torch.manual_seed(0)
+        net = _random_hard(build_model("cifar10_6conv2fc", num_classes=10, T=3, width=1 / 16), 6, keep)
+        lay = EventEngine(net).program.arrays["lay"]
+        assert lay[-1, L_DENSE] == dense and lay[-2, L_DENSE] == dense and lay[1, L_DENSE] == 0
+        _check(net, demo_images)
 
 
 def test_vgg_exact_on_event_frames():
