@@ -91,6 +91,7 @@ def write_dvs_cifar10(src, out_dir, *, T: int = 10, val_size: int | float = 1000
 
     val_size: a count or a fraction of the train split, drawn with `seed` (see carve_val).
     """
+    import data_pipeline.ffcv_import  # noqa: F401  (first: see its docstring)
     from ffcv.fields import IntField, NDArrayField
 
     src, out_dir = Path(src), Path(out_dir)

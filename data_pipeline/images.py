@@ -125,6 +125,7 @@ def write_imagenet(src, out_dir, *, val_size: int | float = 10000, seed: int = 0
     images from each of train/ and val/. Unreadable images are skipped and listed in
     meta.json, or abort the write with ``on_bad_image="fail"``. Returns the meta dict.
     """
+    import data_pipeline.ffcv_import  # noqa: F401  (first: see its docstring)
     from ffcv.fields import IntField, RGBImageField
 
     src, out_dir = Path(src), Path(out_dir)
@@ -308,6 +309,7 @@ class ArrayImages:
 
 def _write_arrays(out_dir: Path, dataset: str, classes: list[str], train, test, src, *,
                   val_size, seed, overwrite, num_workers) -> dict:
+    import data_pipeline.ffcv_import  # noqa: F401  (first: see its docstring)
     from ffcv.fields import IntField, RGBImageField
 
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}

@@ -23,20 +23,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-_torch_threads = torch.get_num_threads()  # importing FFCV sets torch to 1 thread, process-wide
-from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, NDArrayDecoder,  # noqa: E402
+import data_pipeline.ffcv_import  # noqa: F401  (first: see its docstring)
+from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, NDArrayDecoder,
                                   RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder)
-from ffcv.loader import Loader, OrderOption  # noqa: E402
-from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor  # noqa: E402
+from ffcv.loader import Loader, OrderOption
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
 
-from data_pipeline import DATASETS, DataError  # noqa: E402
-from data_pipeline.event_augment import nda_augment  # noqa: E402
-from data_pipeline.inspect import open_beton  # noqa: E402
-from data_pipeline.splits import SPLITS  # noqa: E402
-from data_pipeline.seeded_augment import SeededCropFlip  # noqa: E402
-from data_pipeline.transforms import NormalizeToCHW  # noqa: E402
-
-torch.set_num_threads(_torch_threads)
+from data_pipeline import DATASETS, DataError
+from data_pipeline.event_augment import nda_augment
+from data_pipeline.inspect import open_beton
+from data_pipeline.splits import SPLITS
+from data_pipeline.seeded_augment import SeededCropFlip
+from data_pipeline.transforms import NormalizeToCHW
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}

@@ -107,6 +107,7 @@ def write_beton(out_path: str | os.PathLike, dataset, fields: Mapping, *,
     Returns the number of samples written. Any sample that fails to read aborts the write
     with a DataError naming the first failures.
     """
+    import data_pipeline.ffcv_import  # noqa: F401  (first: see its docstring)
     from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
     indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)

@@ -5,6 +5,8 @@ from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
+
+import data_pipeline.ffcv_import  # noqa: F401  (first: see its docstring)
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
