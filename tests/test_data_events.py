@@ -47,7 +47,9 @@ def spikingjelly():
 
     Its `datasets` package imports torchvision and h5py at import time, neither of which can be
     installed beside our CPU torch; the two modules we call need neither, so they are loaded
-    with those imports stubbed and everything is taken out of sys.modules afterwards.
+    with those imports stubbed, and the stubs and SpikingJelly's modules are taken out of
+    sys.modules afterwards (only those: a module another library imported meanwhile, numba's
+    lazily loaded compiler parts for one, must stay, or its next import registers twice).
     """
     spec = importlib.util.find_spec("spikingjelly")
     if spec is None:
@@ -71,7 +73,8 @@ def spikingjelly():
         yield types.SimpleNamespace(utils=utils, cifar10_dvs=cifar10_dvs)
     finally:
         for name in set(sys.modules) - set(before):
-            del sys.modules[name]
+            if name.split(".")[0] in ("spikingjelly", "torchvision"):
+                del sys.modules[name]
         sys.modules.update(before)
 
 
