@@ -144,8 +144,22 @@ def _plant_stale_checkpoints(root: Path, real: Path) -> None:
     state_file.write_bytes(state_file.read_bytes()[: state_file.stat().st_size // 2])
 
 
+def _finetune_checkpoint_written(root: Path) -> bool:
+    for marker in root.glob(f"step*/{MARKER}"):
+        try:
+            if json.loads(marker.read_text())["state"]["phase"] == "finetune":
+                return True
+        except (OSError, ValueError):  # a directory being renamed or removed right now
+            continue
+    return False
+
+
 @pytest.mark.slow
-def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(reference, data_dir, tmp_path):
+def test_sigterm_mid_search_and_in_finetune_then_resume_equals_uninterrupted(reference, data_dir, tmp_path):
+    """One run preempted twice: mid-epoch in the search (stale half-saved checkpoints planted
+    beside the real one), then after hardening (the resume-after-hardening branch: hard masks
+    and frozen logits come back from the checkpoint, the fine-tune LR restarts where it was).
+    The result is the uninterrupted run's, bit for bit, in one MLflow run."""
     run_dir, store = tmp_path / "run", sqlite_uri(tmp_path / "mlruns.db")
     args = overrides(data_dir, run_dir, store, "checkpoint.every_steps=1")
     root = run_dir / "checkpoints"
@@ -159,9 +173,14 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(reference, data_dir,
     assert stopped["mlflow_run_id"] == run.info.run_id
 
     _plant_stale_checkpoints(root, latest_checkpoint(run_dir))
+    code, log = signal_when(args, tmp_path / "log2.txt", lambda: _finetune_checkpoint_written(root), signal.SIGTERM)
+    assert code == EXIT_TERMINATED, log[-3000:]
+    assert f"resuming from {root / 'step{:09d}'.format(stopped['step'])} " in log, log[-2000:]
+    stopped = json.loads((latest_checkpoint(run_dir) / MARKER).read_text())["state"]
+    assert stopped["phase"] == "finetune" and stopped["step"] < STEPS, stopped
     resumed = run_train(args)
-    resumed_from = root / "step{:09d}".format(stopped["step"])
-    assert f"resuming from {resumed_from} " in resumed.stdout, resumed.stdout[-2000:]
+    assert f"resuming from {root / 'step{:09d}'.format(stopped['step'])} " in resumed.stdout, resumed.stdout[-2000:]
+    assert "finetune epoch" in resumed.stdout or "[finetune" in resumed.stdout
 
     # Same weights, BN statistics and mask logits as the uninterrupted run, bit for bit.
     final, expected = module_state(latest_checkpoint(run_dir)), module_state(latest_checkpoint(reference.run_dir))
@@ -171,7 +190,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(reference, data_dir,
     assert json.loads((run_dir / "results.json").read_text()) == json.loads(
         (reference.run_dir / "results.json").read_text())
 
-    # One MLflow run, continued: each step once, with the uninterrupted run's values.
+    # One MLflow run, continued twice: each step once, with the uninterrupted run's values.
     client, run = only_run(store)
     assert run.info.status == "FINISHED" and (run_dir / "mlflow_run_id").read_text() == run.info.run_id
     history = client.get_metric_history(run.info.run_id, "train_loss")
@@ -179,37 +198,6 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(reference, data_dir,
     ref_client, ref_run = only_run(reference.store)
     ref_history = ref_client.get_metric_history(ref_run.info.run_id, "train_loss")
     assert sorted((m.step, m.value) for m in history) == sorted((m.step, m.value) for m in ref_history)
-
-
-def _finetune_checkpoint_written(root: Path) -> bool:
-    for marker in root.glob(f"step*/{MARKER}"):
-        try:
-            if json.loads(marker.read_text())["state"]["phase"] == "finetune":
-                return True
-        except (OSError, ValueError):  # a directory being renamed or removed right now
-            continue
-    return False
-
-
-@pytest.mark.slow
-def test_sigterm_in_the_finetune_phase_then_resume_equals_uninterrupted(reference, data_dir, tmp_path):
-    """The resume-after-hardening branch: hard masks and frozen logits come back from the
-    checkpoint, the fine-tune LR restarts where it was, and the result is the reference's."""
-    run_dir = tmp_path / "run"
-    args = overrides(data_dir, run_dir, None, "checkpoint.every_steps=1")
-    root = run_dir / "checkpoints"
-    code, log = signal_when(args, tmp_path / "log.txt", lambda: _finetune_checkpoint_written(root),
-                            signal.SIGTERM)
-    assert code == EXIT_TERMINATED, log[-3000:]
-    stopped = json.loads((latest_checkpoint(run_dir) / MARKER).read_text())["state"]
-    assert stopped["phase"] == "finetune" and stopped["step"] < STEPS, stopped
-    resumed = run_train(args)
-    assert f"resuming from {root / 'step{:09d}'.format(stopped['step'])} " in resumed.stdout, resumed.stdout[-2000:]
-    assert "finetune epoch" in resumed.stdout or "[finetune" in resumed.stdout
-    assert_same_tensors(module_state(latest_checkpoint(run_dir)), module_state(latest_checkpoint(reference.run_dir)))
-    assert_same_tensors(safe_load(run_dir / "best_model.pt"), safe_load(reference.run_dir / "best_model.pt"))
-    assert json.loads((run_dir / "results.json").read_text()) == json.loads(
-        (reference.run_dir / "results.json").read_text())
 
 
 @pytest.mark.slow
