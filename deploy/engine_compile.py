@@ -105,9 +105,9 @@ class _Builder:
             ptr, idx, wts, dense = _dense_rows(ptr, compact[idx], wts, live_idx.size)
             base = np.zeros(live_idx.size, np.int64)
             n_off = int(np.prod(in_chw)) + 1
-        live_chw = np.stack(np.unravel_index(live_idx, out_chw), 1).astype(np.int32).reshape(-1, 3)
         self.layers.append(dict(name=name, ptr=ptr, n_off=n_off, idx=idx, wts=wts, bias=b.astype(np.float64),
-                                lbias=b[live_chw[:, 0]].astype(np.float64), lbase=base, in_chw=in_chw,
+                                lbias=b[live_idx // int(np.prod(out_chw[1:]))].astype(np.float64), lbase=base,
+                                in_chw=in_chw,
                                 pad=pad, stride=stride, dense=dense, live=live_idx, out_chw=out_chw, gather=gather,
                                 static=static, neuron=neuron, tau=tau, outspike=outspike,
                                 slot=len(self.counted) if counted else -1,

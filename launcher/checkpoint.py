@@ -445,9 +445,11 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, state: TrainState, cfg: 
     try:
         engine.save_checkpoint(str(root), tag=partial.name, client_state=client, save_latest=False)
         atomic_torch_save(capture_rng(), partial / _rng_file(rank), fsync=True)
-        # Each rank makes what it sees durable (its own shards included) before the marker.
+        # Each rank makes what it sees durable (its own shards included) before the marker;
+        # a dot file is another rank's write in flight (its rename may come any moment), and
+        # that rank makes it durable itself.
         for f in partial.iterdir():
-            if f.is_file():
+            if f.is_file() and not f.name.startswith("."):
                 fsync_path(f)
     except (OSError, RuntimeError) as exc:
         raise _write_failed(exc, root, partial, rank) from None
