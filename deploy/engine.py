@@ -73,7 +73,7 @@ class EventEngine:
         sops = np.zeros((n, len(p.counted)), np.float64)
         rec = np.zeros((n, p.T, p.rec_size) if record else (1, 1, 1), np.uint8)
         a = p.arrays
-        tables = (p.T, a["ops"], a["lay"], a["maps"], a["ptr"], a["idx"], a["wts"], a["bias"], a["lbias"],
+        tables = (p.T, a["ops"], a["lay"], a["maps"], a["ptr"], a["idx"], a["wts"], a["wts32"], a["bias"], a["lbias"],
                   a["lbase"], a["live"], a["inv_taus"], out, sops, rec, record)
         with self._lock:
             ws = self._workspaces.get(threads)

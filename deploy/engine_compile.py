@@ -95,7 +95,7 @@ class _Builder:
         live_idx = np.flatnonzero(live.reshape(-1)).astype(np.int64)
         if gather:
             ptr, idx, wts, base = _gather_rows(w, keep, live_idx, in_chw, out_chw, stride, pad)
-            dense = False
+            dense = 0
             n_off = out_chw[0] + 1  # the live-neuron starts after the weight pointers are no offsets
         else:
             ptr, idx, wts = _scatter_rows(w, keep, live.reshape(-1), in_alive.reshape(-1), in_chw, out_chw,
@@ -129,12 +129,18 @@ class _Builder:
         n_l = len(self.layers)
         lay = np.zeros((n_l, LAY_COLS), np.int64)
         ops = np.asarray(self.ops, np.int64)
-        cat = {k: [] for k in ("ptr", "idx", "wts", "bias", "lbias", "lbase", "live")}
+        cat = {k: [] for k in ("ptr", "idx", "wts", "wts32", "bias", "lbias", "lbase", "live")}
         offs = dict.fromkeys(cat, 0)
         v_off = s_off = padded = 0
         for g, L in enumerate([*self.layers, *self.tables]):
             ptr = L["ptr"].copy()
-            ptr[:L["n_off"]] += offs["idx"]  # targets and weights share one index
+            if L.get("dense") == 2:  # float32 rows: their own array
+                ptr[:L["n_off"]] += offs["wts32"]
+                cat["wts32"].append(L["wts"])
+                offs["wts32"] += L["wts"].size
+                L = {**L, "wts": np.zeros(0)}
+            else:
+                ptr[:L["n_off"]] += offs["idx"]  # targets and weights share one index
             if "op" in L:
                 ops[L["op"], 5] = offs["ptr"]
             else:
@@ -150,7 +156,7 @@ class _Builder:
             (ci, hi, wi), (co, ho, wo) = L["in_chw"], L["out_chw"]
             lay[g, [L_CIN, L_HIN, L_WIN, L_COUT, L_HOUT, L_WOUT]] = [ci, hi, wi, co, ho, wo]
             lay[g, L_PAD], lay[g, L_STRIDE], lay[g, L_SIZE] = L["pad"], L["stride"], ci * hi * wi
-            lay[g, L_DENSE] = int(L["dense"])
+            lay[g, L_DENSE] = L["dense"]
             if L["gather"]:
                 padded = max(padded, ci * (hi + 2 * L["pad"]) * (wi + 2 * L["pad"]))
             lay[g, L_LIVE], lay[g, L_NLIVE] = offs["live"], L["live"].size
@@ -175,6 +181,7 @@ class _Builder:
             ptr=np.concatenate(cat["ptr"]).astype(np.int64),
             idx=np.concatenate(cat["idx"]).astype(np.int32),
             wts=np.concatenate(cat["wts"]).astype(np.float64),
+            wts32=np.concatenate([np.zeros(0, np.float32), *cat["wts32"]]).astype(np.float32),
             bias=np.concatenate(cat["bias"]).astype(np.float64),
             lbias=np.concatenate(cat["lbias"]).astype(np.float64),
             lbase=np.concatenate(cat["lbase"]).astype(np.int64),
@@ -219,17 +226,21 @@ def _gather_rows(w, keep, live_idx, in_chw, out_chw, stride, pad):
 
 
 def _dense_rows(rptr, tgt, wts, n_live):
-    """CSR rows (targets as live-neuron indices) as they are, or as full rows of all n_live
-    targets (pruned weights 0) followed by each position's kept count, when dense pays."""
+    """CSR rows (targets as live-neuron indices) as they are (kind 0), or as full rows of all
+    n_live targets (pruned weights 0) followed by each position's kept count, when dense pays:
+    float32 (kind 2, half the bytes to stream) when every weight is a float32 value, as in an FC
+    layer without BatchNorm (float64 products of them are exact), else float64 (kind 1)."""
     counts = np.diff(rptr)
     full = np.flatnonzero(counts)
     if tgt.size < DENSE_SHARE * full.size * n_live or full.size * n_live > DENSE_MAX:
-        return rptr, tgt.astype(np.int32), wts, False
+        return rptr, tgt.astype(np.int32), wts, 0
     rows = np.zeros((full.size, n_live))
     rows[np.repeat(np.arange(full.size), counts[full]), tgt] = wts
     starts = np.zeros(counts.size + 1, np.int64)
     starts[1:] = np.cumsum(np.where(counts > 0, n_live, 0))
-    return (np.concatenate([starts, counts]), np.zeros(rows.size, np.int32), rows.reshape(-1), True)
+    if np.array_equal(rows.astype(np.float32).astype(np.float64), rows):  # no BatchNorm folded in
+        return np.concatenate([starts, counts]), np.zeros(0, np.int32), rows.reshape(-1).astype(np.float32), 2
+    return np.concatenate([starts, counts]), np.zeros(rows.size, np.int32), rows.reshape(-1), 1
 
 
 def _scatter_rows(w, keep, live_mask, in_alive, in_chw, out_chw, stride, pad):

@@ -17,7 +17,8 @@ Ops (column 0 of `ops`):
   computes it once per sample and replays it every time step.
 - SCATTER: every event adds value x weight along its row (the kept synapses that land on live
   neurons); a "dense" layer (an FC layer that keeps most synapses) stores full rows with the
-  pruned weights as 0, which vectorises and adds the same sums. `sops` counts value per kept
+  pruned weights as 0, which vectorises and adds the same sums (float32 rows when every weight
+  is a float32 value: half the bytes, the same float64 products). `sops` counts value per kept
   synapse: the energy report's quantity (docs/METHOD.md §5).
 - NEURON: LIF or IF update of the live neurons only, spikes out as events.
 - OUTPUT: a real-valued layer (VGG vote layer, SEW head): current + bias per output.
@@ -191,7 +192,7 @@ def _add(ev_a, val_a, ev_b, val_b, key, stamp, dense, out_ev, out_val):
 
 
 @njit(**_JIT)
-def _sample(x, n, T, key0, ops, lay, maps, ptr, idx, wts, bias, lbias, lbase, live, inv_taus,
+def _sample(x, n, T, key0, ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lbase, live, inv_taus,
             out, sops, rec, record, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense, stamp, xpad):
     """One sample through all ops and time steps; workspace arrays are the thread's own.
     `acc` holds the input current of the layer being computed, indexed by live neuron (rows
@@ -209,8 +210,9 @@ def _sample(x, n, T, key0, ops, lay, maps, ptr, idx, wts, bias, lbias, lbase, li
                 if (not is_static) or t == 0:
                     pb, cout = lay[g, L_PTR], lay[g, L_COUT]
                     _gather(x[n, 0 if (is_static or n_in_t == 1) else t], lay[g, L_CIN], lay[g, L_HIN],
-                            lay[g, L_WIN], lay[g, L_PAD], lay[g, L_HOUT], lay[g, L_WOUT], lay[g, L_STRIDE], xpad, ptr[pb:pb + cout + 1], ptr[pb + cout + 1:pb + 2 * cout + 2],
-                            idx, wts, lbase[lo:lo + nl], static[so:so + nl], dense)
+                            lay[g, L_WIN], lay[g, L_PAD], lay[g, L_HOUT], lay[g, L_WOUT], lay[g, L_STRIDE], xpad,
+                            ptr[pb:pb + cout + 1], ptr[pb + cout + 1:pb + 2 * cout + 2], idx, wts,
+                            lbase[lo:lo + nl], static[so:so + nl], dense)
                 acc[:nl] = static[so:so + nl]
             elif kind == SCATTER:
                 m = ops[o, 1]
@@ -218,8 +220,12 @@ def _sample(x, n, T, key0, ops, lay, maps, ptr, idx, wts, bias, lbias, lbase, li
                 pb = lay[g, L_PTR]
                 if lay[g, L_DENSE] != 0:
                     size = lay[g, L_SIZE]
-                    counted = _scatter_dense(ev_i[a:b], ev_val[a:b], ptr[pb:pb + size + 1],
-                                             ptr[pb + size + 1:pb + 2 * size + 1], wts, acc[:lay[g, L_NLIVE]])
+                    rptr, kept = ptr[pb:pb + size + 1], ptr[pb + size + 1:pb + 2 * size + 1]
+                    cur = acc[:lay[g, L_NLIVE]]
+                    if lay[g, L_DENSE] == 2:
+                        counted = _scatter_dense(ev_i[a:b], ev_val[a:b], rptr, kept, wts32, cur)
+                    else:
+                        counted = _scatter_dense(ev_i[a:b], ev_val[a:b], rptr, kept, wts, cur)
                 else:
                     counted = _scatter(ev_i[a:b], ev_val[a:b], ptr[pb:], idx, wts, acc)
                 if lay[g, L_COUNT] >= 0:
@@ -274,26 +280,26 @@ def workspace(sizes: np.ndarray, n_maps: int, n_chunks: int) -> tuple[np.ndarray
 
 
 @njit(**_JIT)
-def run_chunk(x, T, ops, lay, maps, ptr, idx, wts, bias, lbias, lbase, live, inv_taus, out, sops, rec,
+def run_chunk(x, T, ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lbase, live, inv_taus, out, sops, rec,
               record, lo, hi, c, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense, stamp, xpad, clock):
     """Samples lo..hi-1 on this thread, with row c of each workspace array."""
     for n in range(lo, hi):
         ev_cnt[c, :] = 0
-        _sample(x, n, T, clock[c], ops, lay, maps, ptr, idx, wts, bias, lbias, lbase, live, inv_taus,
+        _sample(x, n, T, clock[c], ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lbase, live, inv_taus,
                 out, sops, rec, record, ev_i[c], ev_val[c], ev_cnt[c], acc[c], spk[c], vstate[c], static[c],
                 dense[c], stamp[c], xpad[c])
         clock[c] += T * ops.shape[0]
 
 
 @njit(cache=True, parallel=True, fastmath=False, boundscheck=False)
-def run_batch(x, T, ops, lay, maps, ptr, idx, wts, bias, lbias, lbase, live, inv_taus, out, sops, rec,
+def run_batch(x, T, ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lbase, live, inv_taus, out, sops, rec,
               record, chunks, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense, stamp, xpad, clock):
     """x [N, T_in, input size] float64 -> out [N, T, K], sops [N, counted layers], rec.
 
     `chunks` + 1 boundaries split the samples among threads, chunk c using workspace row c
     (`workspace`). One chunk: call `run_chunk` directly, no thread start."""
     for c in prange(chunks.shape[0] - 1):
-        run_chunk(x, T, ops, lay, maps, ptr, idx, wts, bias, lbias, lbase, live, inv_taus, out, sops, rec,
+        run_chunk(x, T, ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lbase, live, inv_taus, out, sops, rec,
                   record, chunks[c], chunks[c + 1], c, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense,
                   stamp, xpad, clock)
 

@@ -85,9 +85,10 @@ def test_cifar_net_exact_on_real_images(demo_images):
 
 
 def test_full_and_compressed_rows_both_exact(demo_images):
-    """Half the masks kept: the FC layers' rows are stored full (pruned weights 0); a tenth
-    kept: compressed rows everywhere. Both give PyTorch's spikes and the report's SOPs."""
-    for keep, dense in ((0.5, 1), (0.1, 0)):
+    """Half the masks kept: the FC layers' rows are stored full (pruned weights 0; float32, no
+    BatchNorm in them); a tenth kept: compressed rows everywhere. Both give PyTorch's spikes
+    and the report's SOPs. (Full float64 rows, BatchNorm folded: SEW's small late maps.)"""
+    for keep, dense in ((0.5, 2), (0.1, 0)):
         torch.manual_seed(0)
         net = _random_hard(build_model("cifar10_6conv2fc", num_classes=10, T=3, width=1 / 16), 6, keep)
         lay = EventEngine(net).program.arrays["lay"]
@@ -106,6 +107,7 @@ def test_vgg_exact_on_event_frames():
 def test_sew_resnet_exact():
     torch.manual_seed(0)
     net = _random_hard(build_model("sew_resnet18", num_classes=10, T=2, width=1 / 16, input_size=32), 4)
+    assert 1 in EventEngine(net).program.arrays["lay"][:, L_DENSE]  # full float64 rows: late convs
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     _check(net, x)
 
