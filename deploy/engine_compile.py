@@ -7,7 +7,8 @@ What the compiled program holds, per synaptic layer:
   index and weight of every kept synapse that lands in bounds on a live neuron (a spike adds
   its row, no index arithmetic or bounds test per synapse). Memory is the kept connections,
   the connectivity times the dense count. The dense first layer keeps its weights per output
-  channel, each neuron gathering them from a zero-padded copy of the input;
+  channel; the kernel computes each weighted channel's map from a zero-padded copy of the
+  input and reads it at the live neurons;
 - the live neurons: kept by the neuron mask and able to fire, i.e. with a kept synapse from a
   neuron upstream that can fire, or a bias that makes them fire on its own. Others are never
   updated; input channels that can never fire and output channels with no live neuron lose
@@ -94,7 +95,7 @@ class _Builder:
         keep = keep & co_live[:, None, None, None] & ci_alive[None, :, None, None]
         live_idx = np.flatnonzero(live.reshape(-1)).astype(np.int64)
         if gather:
-            ptr, idx, wts, base = _gather_rows(w, keep, live_idx, in_chw, out_chw, stride, pad)
+            ptr, idx, wts, base = _gather_rows(w, keep, live_idx, in_chw, out_chw, pad)
             dense = 0
             n_off = out_chw[0] + 1  # the live-neuron starts after the weight pointers are no offsets
         else:
@@ -212,7 +213,7 @@ def _grouped(keep: np.ndarray, by_output: bool) -> tuple[np.ndarray, ...]:
         co[order], ci[order], ky[order], kx[order])
 
 
-def _gather_rows(w, keep, live_idx, in_chw, out_chw, stride, pad):
+def _gather_rows(w, keep, live_idx, in_chw, out_chw, pad):
     """Kept weights grouped by output channel, each with its offset in the zero-padded input
     [C, H + 2 pad, W + 2 pad]; after those pointers, where each channel's live neurons start;
     per live neuron its position in the channel map."""
@@ -248,7 +249,6 @@ def _scatter_rows(w, keep, live_mask, in_alive, in_chw, out_chw, stride, pad):
     synapse that lands in bounds on a live neuron, in (co, ky, kx) order; positions that can
     never fire have empty rows. An FC layer is the 1x1 case of the same arithmetic."""
     ptr, co, ky, kx, widx = _grouped(keep, False)
-    _, hin, win = in_chw
     _, hout, wout = out_chw
     pos = np.flatnonzero(in_alive)
     ci_p, y_p, x_p = np.unravel_index(pos, in_chw)
