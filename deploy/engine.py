@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from deploy.engine_compile import Program, compile_network
-from deploy.engine_kernels import run_batch, run_chunk, vote, workspace
+from deploy.engine_kernels import run_batch, run_chunk, workspace
 from deploy.rundir import DeployError
 
 
@@ -55,7 +55,10 @@ class EventEngine:
     def _input(self, x) -> np.ndarray:
         """[N, input steps, input size], float32 or float64 as given (the kernel reads either
         into float64)."""
-        x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if isinstance(x, torch.Tensor):
+            x = (x if x.device.type == "cpu" else x.cpu()).detach().numpy()
+        else:
+            x = np.asarray(x)
         shape = self.program.input_shape
         if tuple(x.shape[1:]) != shape:
             raise DeployError(f"input of shape {tuple(x.shape)}: the network takes [N, {', '.join(map(str, shape))}]")
@@ -69,15 +72,17 @@ class EventEngine:
         xin = self._input(x)
         n = xin.shape[0]
         threads = max(1, min(threads or numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n))
+        groups = p.out_size // p.num_classes if p.vote else 1
         out = np.zeros((n, p.T, p.out_size), np.float64)
+        voted = np.empty((p.T, n, p.out_size // groups), np.float64)
+        logits = np.empty((n, p.out_size // groups), np.float64)
         sops = np.zeros((n, len(p.counted)), np.float64)
         rec = np.zeros((n, p.T, p.rec_size) if record else (1, 1, 1), np.uint8)
-        a = p.arrays
-        tables = (p.T, a["ops"], a["lay"], a["maps"], a["ptr"], a["idx"], a["wts"], a["wts32"], a["bias"], a["lbias"],
-                  a["lbase"], a["live"], a["inv_taus"], out, sops, rec, record)
+        tables = (*p.tables, out, sops, rec, record, groups, voted, logits)
         with self._lock:
             ws = self._workspaces.get(threads)
             if ws is None:
+                a = p.arrays
                 ws = self._workspaces[threads] = workspace(a["sizes"], a["maps"].shape[0], threads)
             if threads == 1:  # no thread start for one chunk
                 run_chunk(xin, *tables, 0, n, 0, *ws)
@@ -85,9 +90,8 @@ class EventEngine:
                 numba.set_num_threads(threads)
                 chunks = (np.arange(threads + 1) * n) // threads
                 run_batch(xin, *tables, chunks, *ws)
-        out, logits = vote(out, p.out_size // p.num_classes if p.vote else 1)
         spikes = None
         if record:
             spikes = {name: rec[:, :, off:off + int(np.prod(chw))].reshape(n, p.T, *chw).transpose(1, 0, 2, 3, 4)
                       for name, (off, chw) in p.recorded.items()}
-        return EngineResult(out=out, logits=logits, sops=sops, layers=list(p.counted), spikes=spikes)
+        return EngineResult(out=voted, logits=logits, sops=sops, layers=list(p.counted), spikes=spikes)

@@ -21,6 +21,7 @@ fixed); a fourth family needs its own `_compile_*` here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -60,6 +61,13 @@ class Program:
     rec_size: int
     stats: dict[str, dict] = field(default_factory=dict)  # per layer: kept synapses, live neurons
 
+    @cached_property
+    def tables(self) -> tuple:
+        """The kernel's leading arguments (deploy/engine_kernels.py `run_chunk`), made once."""
+        a = self.arrays
+        return (self.T, *(a[k] for k in ("ops", "lay", "maps", "ptr", "idx", "wts", "wts32", "bias", "lbias",
+                                         "lbase", "live", "inv_taus")))
+
 
 class _Builder:
     def __init__(self, T: int):
@@ -95,7 +103,7 @@ class _Builder:
         keep = keep & co_live[:, None, None, None] & ci_alive[None, :, None, None]
         live_idx = np.flatnonzero(live.reshape(-1)).astype(np.int64)
         if gather:
-            ptr, idx, wts, base = _gather_rows(w, keep, live_idx, in_chw, out_chw, pad)
+            ptr, idx, wts, base = _gather_rows(w, keep, live_idx, in_chw, out_chw, stride, pad)
             dense = 0
             n_off = out_chw[0] + 1  # the live-neuron starts after the weight pointers are no offsets
         else:
@@ -132,7 +140,9 @@ class _Builder:
         ops = np.asarray(self.ops, np.int64)
         cat = {k: [] for k in ("ptr", "idx", "wts", "wts32", "bias", "lbias", "lbase", "live")}
         offs = dict.fromkeys(cat, 0)
-        v_off = s_off = padded = 0
+        v_off = s_off = padded = largest = 0
+        if sum(L["gather"] for L in self.layers) > 1:
+            raise ValueError("one gathered (first) layer per network: the kernel's padded input is shared")
         for g, L in enumerate([*self.layers, *self.tables]):
             ptr = L["ptr"].copy()
             if L.get("dense") == 2:  # float32 rows: their own array
@@ -158,8 +168,10 @@ class _Builder:
             lay[g, [L_CIN, L_HIN, L_WIN, L_COUT, L_HOUT, L_WOUT]] = [ci, hi, wi, co, ho, wo]
             lay[g, L_PAD], lay[g, L_STRIDE], lay[g, L_SIZE] = L["pad"], L["stride"], ci * hi * wi
             lay[g, L_DENSE] = L["dense"]
-            if L["gather"]:
-                padded = max(padded, ci * (hi + 2 * L["pad"]) * (wi + 2 * L["pad"]))
+            if L["gather"]:  # the padded input, one row of slack; the unit-stride map's layout
+                hp, wp = hi + 2 * L["pad"], wi + 2 * L["pad"]
+                padded = max(padded, (ci * hp + 1) * wp)
+                largest = max(largest, ho * wp)
             lay[g, L_LIVE], lay[g, L_NLIVE] = offs["live"], L["live"].size
             lay[g, L_BIAS] = offs["bias"]
             lay[g, L_V], lay[g, L_SOFF] = v_off, s_off
@@ -176,11 +188,11 @@ class _Builder:
         for m, (c, h, w) in enumerate(self.maps):
             maps[m] = [off, c * h * w, c, h, w]
             off += c * h * w
-        largest = max([c * h * w for c, h, w in self.maps] + [int(np.prod(L["out_chw"])) for L in self.layers])
+        largest = max([largest, *(c * h * w for c, h, w in self.maps), *(int(np.prod(L["out_chw"])) for L in self.layers)])
         arrays = dict(
             ops=ops, lay=lay, maps=maps,
-            ptr=np.concatenate(cat["ptr"]).astype(np.int64),
-            idx=np.concatenate(cat["idx"]).astype(np.int32),
+            ptr=np.concatenate(cat["ptr"]).astype(np.uint64),
+            idx=np.concatenate(cat["idx"]).astype(np.uint32),
             wts=np.concatenate(cat["wts"]).astype(np.float64),
             wts32=np.concatenate([np.zeros(0, np.float32), *cat["wts32"]]).astype(np.float32),
             bias=np.concatenate(cat["bias"]).astype(np.float64),
@@ -213,17 +225,18 @@ def _grouped(keep: np.ndarray, by_output: bool) -> tuple[np.ndarray, ...]:
         co[order], ci[order], ky[order], kx[order])
 
 
-def _gather_rows(w, keep, live_idx, in_chw, out_chw, pad):
+def _gather_rows(w, keep, live_idx, in_chw, out_chw, stride, pad):
     """Kept weights grouped by output channel, each with its offset in the zero-padded input
     [C, H + 2 pad, W + 2 pad]; after those pointers, where each channel's live neurons start;
-    per live neuron its position in the channel map."""
+    per live neuron its position in the channel map, whose rows are the padded input's width
+    at unit stride (the kernel's layout, deploy/engine_kernels.py `_gather`)."""
     ptr, ci, ky, kx, widx = _grouped(keep, True)
     _, hin, win = in_chw
     hp, wp = hin + 2 * pad, win + 2 * pad
     co, oy, ox = np.unravel_index(live_idx, out_chw)
     starts = np.searchsorted(co, np.arange(out_chw[0] + 1))  # live neurons are channel-major
     return (np.concatenate([ptr, starts]), ((ci * hp + ky) * wp + kx).astype(np.int32), w[widx],
-            oy * out_chw[2] + ox)
+            oy * (wp if stride == 1 else out_chw[2]) + ox)
 
 
 def _dense_rows(rptr, tgt, wts, n_live):

@@ -9,7 +9,10 @@ function over 1-D views: the compiler optimises a short loop far better than one
 
 An event is its flat index in its map and its value (a spike 1, an average-pooled event k/4,
 a SEW sum its multiplicity): every op finds its targets through a table row of that index,
-so no op computes coordinates.
+so no op computes coordinates. Indices are unsigned (uint32 events and targets, uint64 row
+pointers): numba then drops the negative-index fix-up from every array access, which made a
+scatter 1.4-1.7x slower. Mixing uint64 with int64 arithmetic types as float64 in numba, so
+unsigned values only index or compare.
 
 Ops (column 0 of `ops`):
 - GATHER: a dense first layer (it sees pixels or event frames): per output channel, the
@@ -52,35 +55,40 @@ _JIT = dict(cache=True, fastmath=False, boundscheck=False)
 @njit(**_JIT)
 def _gather(xt, cin, hin, win, pd, hout, wout, s, xpad, eptr, kptr, idx, wts, pos, cur, plane):
     """cur[k] of each live neuron of the first layer. Per output channel its whole map is
-    computed from the zero-padded input, weight by weight over contiguous rows (vectorised:
-    the layer has no neuron mask, so its weighted channels are live nearly everywhere), and
-    the live neurons read at their positions `pos`."""
+    computed from the zero-padded input, weight by weight (vectorised: the layer has no neuron
+    mask, so its weighted channels are live nearly everywhere), and the live neurons read at
+    their positions `pos`. At unit stride the map is laid out at the padded input's row width,
+    so each weight is one contiguous loop over the whole map (the columns past wout are never
+    read); `xpad` has a row of slack for it. Only the interior of `xpad` is written: its zero
+    border is the workspace's (one first layer per network)."""
     hp, wp = hin + 2 * pd, win + 2 * pd
-    xpad[:cin * hp * wp] = 0.0
     for ci in range(cin):
         for yy in range(hin):
             dst = (ci * hp + yy + pd) * wp + pd
-            xpad[dst:dst + win] = xt[(ci * hin + yy) * win:(ci * hin + yy + 1) * win]
+            src = (ci * hin + yy) * win
+            for xx in range(win):
+                xpad[dst + xx] = xt[src + xx]
+    n = hout * wp if s == 1 else hout * wout
     for co in range(eptr.size - 1):
         k0, k1 = kptr[co], kptr[co + 1]
         if k1 == k0:
             continue
-        plane[:hout * wout] = 0.0
+        a = plane[:n]
+        a[:] = 0.0
         for e in range(eptr[co], eptr[co + 1]):
             w = wts[e]
             off = idx[e]
-            for oy in range(hout):
-                a = plane[oy * wout:(oy + 1) * wout]
-                src = oy * s * wp + off
-                if s == 1:  # unit stride: views the compiler vectorises
-                    b = xpad[src:src + wout]
+            if s == 1:
+                b = xpad[off:off + n]
+                for j in range(n):
+                    a[j] += w * b[j]
+            else:
+                for oy in range(hout):
+                    src = oy * s * wp + off
                     for ox in range(wout):
-                        a[ox] += w * b[ox]
-                else:
-                    for ox in range(wout):
-                        a[ox] += w * xpad[src + ox * s]
+                        a[oy * wout + ox] += w * xpad[src + ox * s]
         for k in range(k0, k1):
-            cur[k] = plane[pos[k]]
+            cur[k] = a[pos[k]]
 
 
 @njit(**_JIT)
@@ -102,7 +110,7 @@ def _scatter_dense(ev, val, rptr, kept, wts, acc):
     """Rows of all live targets (row length = acc.size, pruned weights 0); `kept` counts a
     row's kept synapses."""
     counted = 0.0
-    nl = acc.size
+    nl = np.uint64(acc.size)  # unsigned with the row pointers (module doc)
     for q in range(ev.size):
         v = val[q]
         i = ev[q]
@@ -271,7 +279,7 @@ def workspace(sizes: np.ndarray, n_maps: int, n_chunks: int) -> tuple[np.ndarray
     would cost more page faults than a small network's whole inference at batch 1. The last
     array is each thread's stamp clock, so stamps never need clearing."""
     n_ev, big, n_v, n_s, n_pad = (int(v) for v in sizes)
-    return (np.empty((n_chunks, n_ev), np.int32), np.empty((n_chunks, n_ev), np.float64),
+    return (np.empty((n_chunks, n_ev), np.uint32), np.empty((n_chunks, n_ev), np.float64),
             np.zeros((n_chunks, n_maps), np.int64), np.zeros((n_chunks, big), np.float64),
             np.zeros((n_chunks, big), np.bool_), np.zeros((n_chunks, max(n_v, 1)), np.float64),
             np.zeros((n_chunks, max(n_s, 1)), np.float64), np.zeros((n_chunks, big), np.float64),
@@ -280,45 +288,48 @@ def workspace(sizes: np.ndarray, n_maps: int, n_chunks: int) -> tuple[np.ndarray
 
 
 @njit(**_JIT)
+def _vote(out, groups, voted, logits):
+    """out [T, K * groups] of one sample -> voted [T, K] (mean of each class's group), logits [K]
+    (mean over T)."""
+    t_steps, width = out.shape
+    k = width // groups
+    logits[:] = 0.0
+    for t in range(t_steps):
+        for c in range(k):
+            s = 0.0
+            for j in range(groups):
+                s += out[t, c * groups + j]
+            voted[t, c] = s / groups
+            logits[c] += voted[t, c]
+    for c in range(k):
+        logits[c] /= t_steps
+
+
+@njit(**_JIT)
 def run_chunk(x, T, ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lbase, live, inv_taus, out, sops, rec,
-              record, lo, hi, c, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense, stamp, xpad, clock):
-    """Samples lo..hi-1 on this thread, with row c of each workspace array."""
+              record, groups, voted, logits, lo, hi, c, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense,
+              stamp, xpad, clock):
+    """Samples lo..hi-1 on this thread, with row c of each workspace array; each sample's vote
+    (voted [T, N, K], logits [N, K]) right after it, while its output is in cache."""
     for n in range(lo, hi):
         ev_cnt[c, :] = 0
         _sample(x, n, T, clock[c], ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lbase, live, inv_taus,
                 out, sops, rec, record, ev_i[c], ev_val[c], ev_cnt[c], acc[c], spk[c], vstate[c], static[c],
                 dense[c], stamp[c], xpad[c])
+        _vote(out[n], groups, voted[:, n], logits[n])
         clock[c] += T * ops.shape[0]
 
 
 @njit(cache=True, parallel=True, fastmath=False, boundscheck=False)
 def run_batch(x, T, ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lbase, live, inv_taus, out, sops, rec,
-              record, chunks, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense, stamp, xpad, clock):
-    """x [N, T_in, input size] float64 -> out [N, T, K], sops [N, counted layers], rec.
+              record, groups, voted, logits, chunks, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense, stamp,
+              xpad, clock):
+    """x [N, T_in, input size] float32/64 -> out [N, T, K * groups], sops [N, counted layers], rec,
+    voted [T, N, K], logits [N, K].
 
     `chunks` + 1 boundaries split the samples among threads, chunk c using workspace row c
     (`workspace`). One chunk: call `run_chunk` directly, no thread start."""
     for c in prange(chunks.shape[0] - 1):
         run_chunk(x, T, ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lbase, live, inv_taus, out, sops, rec,
-                  record, chunks[c], chunks[c + 1], c, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense,
+                  record, groups, voted, logits, chunks[c], chunks[c + 1], c, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense,
                   stamp, xpad, clock)
-
-
-@njit(**_JIT)
-def vote(out, groups):
-    """out [N, T, K * groups] -> ([T, N, K] mean of each class's group, [N, K] mean over T)."""
-    n, t_steps, width = out.shape
-    k = width // groups
-    voted = np.zeros((t_steps, n, k))
-    logits = np.zeros((n, k))
-    for i in range(n):
-        for t in range(t_steps):
-            for c in range(k):
-                s = 0.0
-                for j in range(groups):
-                    s += out[i, t, c * groups + j]
-                voted[t, i, c] = s / groups
-                logits[i, c] += voted[t, i, c]
-        for c in range(k):
-            logits[i, c] /= t_steps
-    return voted, logits
