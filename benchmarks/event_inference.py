@@ -127,7 +127,7 @@ def main() -> None:
         except Exception as exc:  # torch.compile needs a C++ toolchain; report, do not fail
             print(f"torch.compile unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     with torch.no_grad():
-        for b, rounds in ((1, max(1, args.repeats // 4)), (64, args.repeats)):
+        for b, rounds in ((1, args.repeats), (64, args.repeats)):
             for name, r in side_by_side(paths, x64, b, rounds).items():
                 rows.append(("demo", name, b, r))
                 if name != "engine":
@@ -148,8 +148,8 @@ def main() -> None:
         pbad, pseen = mismatches(pnet, pengine, run.loader("test", 4), 4)
         bad += pbad
     print(f"demo run {run.path} (connectivity {100 * run.results['connectivity']:.3g} %), "
-          f"{args.threads} threads; paths take turns in rounds; batch 1: the 64 images one at a time, "
-          f"{max(1, args.repeats // 4)} rounds; batch 64: {args.repeats} rounds; medians")
+          f"{args.threads} threads; paths take turns in rounds; batch 1 (the 64 images one at a time) and "
+          f"batch 64: {args.repeats} rounds each; medians")
     print(f"{'case':<7}{'path':<9}{'batch':>6}{'images/s':>11}{'p50 ms':>9}{'p95 ms':>9}")
     for case, name, b, r in rows:
         print(f"{case:<7}{name:<9}{b:>6}{r['images_s']:>11.1f}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}")

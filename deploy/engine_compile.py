@@ -197,8 +197,8 @@ class _Builder:
             wts32=np.concatenate([np.zeros(0, np.float32), *cat["wts32"]]).astype(np.float32),
             bias=np.concatenate(cat["bias"]).astype(np.float64),
             lbias=np.concatenate(cat["lbias"]).astype(np.float64),
-            lbase=np.concatenate(cat["lbase"]).astype(np.int64),
-            live=np.concatenate(cat["live"]).astype(np.int64),
+            lbase=np.concatenate(cat["lbase"]).astype(np.uint32),
+            live=np.concatenate(cat["live"]).astype(np.uint32),
             inv_taus=np.asarray([1.0 / L["tau"] if L["neuron"] == "lif" else 0.0 for L in self.layers], np.float64),
             sizes=np.asarray([max(off, 1), largest, v_off, s_off, max(padded, 1)], np.int64))
         return Program(T=self.T, num_classes=num_classes, out_size=out_size, vote=vote,

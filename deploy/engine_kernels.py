@@ -124,26 +124,24 @@ def _scatter_dense(ev, val, rptr, kept, wts, acc):
 
 
 @njit(**_JIT)
-def _neuron(acc, lb, vs, spk, live, ev, val, is_lif, inv_tau):
+def _neuron(acc, lb, vs, spk, live, ev, val, is_lif, inv_tau, first):
     """Update, reset and fire the live neurons; their spikes out as events; returns the count.
-    LIF multiplies by 1 / tau (exact for the usual tau = 2; otherwise within 1 float64 ulp of
-    the division, far below the float32 rounding of the reference)."""
+    The first time step starts from v = 0 without reading `vs` (no clearing per sample). LIF
+    multiplies by 1 / tau (exact for the usual tau = 2; otherwise within 1 float64 ulp of the
+    division, far below the float32 rounding of the reference)."""
     nl = lb.size
-    if is_lif:  # no branch in the update: the compiler vectorises it
-        for k in range(nl):
-            v = vs[k]
-            h = v + (acc[k] + lb[k] - v) * inv_tau
-            acc[k] = 0.0
-            f = h >= 1.0
-            spk[k] = f
-            vs[k] = 0.0 if f else h
-    else:
-        for k in range(nl):
-            h = vs[k] + (acc[k] + lb[k])
-            acc[k] = 0.0
-            f = h >= 1.0
-            spk[k] = f
-            vs[k] = 0.0 if f else h
+    for k in range(nl):  # branches on per-call flags only: the compiler vectorises each case
+        x = acc[k] + lb[k]
+        if first:
+            h = x * inv_tau if is_lif else x
+        elif is_lif:
+            h = vs[k] + (x - vs[k]) * inv_tau
+        else:
+            h = vs[k] + x
+        acc[k] = 0.0
+        f = h >= 1.0
+        spk[k] = f
+        vs[k] = 0.0 if f else h
     c = 0
     for k in range(nl):  # every neuron written, only a spike advances: no branch
         ev[c] = live[k]
@@ -205,7 +203,6 @@ def _sample(x, n, T, key0, ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lb
     """One sample through all ops and time steps; workspace arrays are the thread's own.
     `acc` holds the input current of the layer being computed, indexed by live neuron (rows
     store those indices). Stamps are unique per (sample, step, op): key0 + t * ops + o."""
-    vstate[:] = 0.0
     n_in_t = x.shape[1]
     n_ops = ops.shape[0]
     for t in range(T):
@@ -243,7 +240,7 @@ def _sample(x, n, T, key0, ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lb
                 moff = maps[m, M_OFF]
                 nl, lo, vo = lay[g, L_NLIVE], lay[g, L_LIVE], lay[g, L_V]
                 c = _neuron(acc, lbias[lo:lo + nl], vstate[vo:vo + nl], spk, live[lo:lo + nl], ev_i[moff:],
-                            ev_val[moff:], lay[g, L_KIND] == KIND_LIF, inv_taus[g])
+                            ev_val[moff:], lay[g, L_KIND] == KIND_LIF, inv_taus[g], t == 0)
                 ev_cnt[m] = c
                 if record:
                     ro = lay[g, L_REC]
