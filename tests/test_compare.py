@@ -13,7 +13,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from helpers_train import N_TEST, REPO, clean_env, module_state, sqlite_uri, tiny_data, train_cmd
+from helpers_train import N_TEST, REPO, clean_env, module_state, new_store, tiny_data, train_cmd
 from launcher.checkpoint import safe_load
 from model.energy_models import MODELS as ENERGY_MODELS
 from tuning.compare import CompareSetup, Outcome, energy_table, summarise, table, trial_key, trial_overrides
@@ -31,7 +31,7 @@ def compare_cmd(*args: str) -> list[str]:
 def quick(tmp_path_factory):
     """The quick comparison, run once: every method on one budget, one seed."""
     base = tmp_path_factory.mktemp("compare")
-    store = sqlite_uri(base / "mlruns.db")
+    store = new_store(base / "mlruns.db")
     doc = yaml.safe_load(QUICK.read_text())
     train = [*doc["train_overrides"], f"data.data_dir={tiny_data(base)}", f"tracking.tracking_uri={store}",
              "tracking.experiment=compare-test"]

@@ -38,7 +38,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from helpers_train import (REPO, clean_env, overrides, reference_run, sqlite_uri, tiny_data, train_cmd)
+from helpers_train import (REPO, clean_env, new_store, overrides, reference_run, tiny_data, train_cmd)
 from launcher.checkpoint import (LATEST, MARKER, CheckpointError, TrainState, find_resumable, load_checkpoint,
                                  safe_load, save_checkpoint)
 from launcher.run_lock import LOCK_FILE, DirLock, DirLocked
@@ -114,7 +114,7 @@ def killed_run(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     data_dir = tiny_data(base)
     root = tmp_path_factory.mktemp("killed")
-    run_dir, store = root / "run", sqlite_uri(root / "mlruns.db")
+    run_dir, store = root / "run", new_store(root / "mlruns.db")
     args = overrides(data_dir, run_dir, store, "checkpoint.every_steps=2")
     stages: list[tuple[str, int, str, Path]] = []
 
@@ -459,7 +459,7 @@ def test_a_kill_right_after_the_mlflow_run_is_created_makes_no_second_run(tmp_pa
     from launcher.config import TrackingConfig
     from launcher.tracking import Tracker
 
-    store, run_dir = sqlite_uri(tmp_path / "mlruns.db"), tmp_path / "run"
+    store, run_dir = new_store(tmp_path / "mlruns.db"), tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", CREATE_THEN_DIE, store, str(run_dir)], cwd=REPO,
                           env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_train import (REPO, TINY_CONFIG, clean_env, free_port, latest_checkpoint, overrides, reference_run,
-                           run_train, tiny_data, train_cmd)
+from helpers_train import (REPO, TINY_CONFIG, clean_env, free_port, latest_checkpoint, new_store, overrides,
+                           reference_run, run_train, tiny_data, train_cmd)
 from launcher.checkpoint import open_checkpoint
 from launcher.config import ConfigError, load_config
 from launcher.train import check_resume_config
@@ -196,7 +196,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 def test_ctrl_c_saves_and_divergence_keeps_the_checkpoints(tmp_path_factory, tmp_path):
     """Ctrl-C (a real SIGINT) saves like SIGTERM; a resume that drives the loss to inf stops with
     one line before saving, the checkpoints untouched; the run then resumes and finishes."""
-    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    store = new_store(tmp_path / "mlruns.db")
     args = overrides(tiny_data(tmp_path_factory.getbasetemp()), tmp_path / "run", store,
                      "checkpoint.every_steps=2", "pruning.search_epochs=2")
     proc = subprocess.Popen(train_cmd(*args), cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,

@@ -169,12 +169,12 @@ def test_password_in_tracking_uri_is_stored_and_printed_nowhere(secret_run):
                                   f"pass --tracking-uri URI (or set MLFLOW_TRACKING_URI)")
 
     # Sent later to a store: its database and artifacts hold no password either.
-    from helpers_train import sqlite_uri
+    from helpers_train import new_store, sqlite_uri
     from mlflow import MlflowClient
 
     store = secret_run["base"] / "store"
     store.mkdir()
-    out = subprocess.run([*up, "--tracking-uri", sqlite_uri(store / "mlruns.db")], cwd=REPO, env=clean_env(),
+    out = subprocess.run([*up, "--tracking-uri", new_store(store / "mlruns.db")], cwd=REPO, env=clean_env(),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert PASSWORD not in out.stdout + out.stderr

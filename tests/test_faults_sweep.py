@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers_train import free_port, sqlite_uri
+from helpers_train import free_port, new_store
 from test_sweep import REPO, _descendants, clean_env, sweep_data, write_sweep_config  # noqa: F401 (fixture)
 from tuning.sweep import EXIT_INTERRUPTED, ray_temp_dir
 
@@ -120,8 +120,7 @@ def test_parent_run_reports_the_restarted_counts(interrupted_sweep):
     from mlflow import MlflowClient
 
     s = interrupted_sweep
-    store = sqlite_uri(s["base"] / "store" / "mlruns.db")
-    (s["base"] / "store").mkdir()
+    store = new_store(s["base"] / "store" / "mlruns.db")
     up = subprocess.run([sys.executable, "-m", "launcher.tracking", "upload", str(s["sweep_dir"]),
                          "--tracking-uri", store], cwd=REPO, env=clean_env(), capture_output=True,
                         text=True, timeout=300)

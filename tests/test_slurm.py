@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers_train import new_store
 from slurm_cluster import REPO, SlurmCluster, slurm_missing
 
 pytestmark = pytest.mark.slow
@@ -74,7 +75,7 @@ def artifacts(tracking_uri: str, run_id: str) -> set[str]:
 def test_usr1_checkpoints_requeues_and_resumes_into_the_same_mlflow_run(cluster, tmp_path):
     """slurm/cifar10.sh on one node: a tiny demo job, preempted by USR1 mid-run, requeued,
     resumed and finished into the same MLflow run with its energy report."""
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    uri = new_store(tmp_path / "mlruns.db")
     run_dir = tmp_path / "run"
     steps_per_epoch = 10
     job = submit(cluster, "cifar10.sh", tmp_path, CONFIG="configs/demo.yaml", RUN_DIR=str(run_dir),
@@ -155,7 +156,7 @@ def imagenet_beton(tmp_path_factory, imagenet_jpegs) -> tuple[Path, int]:
 
 def test_imagenet_script_trains_on_two_nodes_with_identical_weights(cluster, tmp_path, imagenet_beton):
     beton, num_classes = imagenet_beton
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    uri = new_store(tmp_path / "mlruns.db")
     # Stands in for python: the same training, plus a weights digest per rank before the report.
     probe = tmp_path / "python-with-digest"
     probe.write_text('#!/bin/sh\n[ "$1 $2" = "-m launcher.train" ] || exit 3\nshift 2\n'

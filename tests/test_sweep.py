@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from helpers_train import module_state
+from helpers_train import module_state, new_store
 from launcher.checkpoint import safe_load
 from launcher.config import ConfigError
 from model import build_model
@@ -77,7 +77,7 @@ def clean_env(**extra: str) -> dict:
 def write_sweep_config(path: Path, base: Path, **changes) -> Path:
     doc = {
         "train_config": str(REPO / "configs" / "demo.yaml"),
-        "train_overrides": [*TINY_TRIAL, f"tracking.tracking_uri=sqlite:///{base}/mlruns.db",
+        "train_overrides": [*TINY_TRIAL, f"tracking.tracking_uri={new_store(base / 'mlruns.db')}",
                             "tracking.experiment=sweep-test"],
         "budgets": [1.0, 1.0e9],  # 1 SOP/sample: below anything a live network reaches
         "search": {"lambda_w": [1e-12, 1e-10], "lambda_n": [1e-12, 1e-10]},
@@ -475,7 +475,7 @@ def test_energy_budget_sweep_puts_each_trial_on_its_budget(tmp_path):
         tmp_path / "sweep.yaml", tmp_path, budget_mode=True, budgets=budgets, budget_tolerance=0.1,
         energy_model="loihi", search={"mask_lr": [3e-3, 3e-2]}, num_trials=2, max_failures=0,
         train_overrides=[*TINY_TRIAL, "steps_per_epoch_limit=20", "eval_batches_limit=16",
-                         f"tracking.tracking_uri=sqlite:///{tmp_path}/mlruns.db"])
+                         f"tracking.tracking_uri={new_store(tmp_path / 'mlruns.db')}"])
     out = subprocess.run([sys.executable, "tuning/sweep.py", "--config", str(config)], cwd=REPO,
                          env=clean_env(), capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

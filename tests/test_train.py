@@ -26,7 +26,7 @@ import torch
 from mlflow import MlflowClient
 
 from helpers_train import (N_TEST, N_TRAIN, N_VAL, REPO, TINY_CONFIG, clean_env, latest_checkpoint, masks_of, max_abs_diff, module_state,
-                           overrides, reference_run, run_train, sqlite_uri, tiny_data, train_cmd)
+                           new_store, overrides, reference_run, run_train, tiny_data, train_cmd)
 from launcher.checkpoint import MARKER, safe_load
 from launcher.preemption import EXIT_REQUEUE, EXIT_TERMINATED
 
@@ -160,7 +160,7 @@ def test_sigterm_mid_search_and_in_finetune_then_resume_equals_uninterrupted(ref
     beside the real one), then after hardening (the resume-after-hardening branch: hard masks
     and frozen logits come back from the checkpoint, the fine-tune LR restarts where it was).
     The result is the uninterrupted run's, bit for bit, in one MLflow run."""
-    run_dir, store = tmp_path / "run", sqlite_uri(tmp_path / "mlruns.db")
+    run_dir, store = tmp_path / "run", new_store(tmp_path / "mlruns.db")
     args = overrides(data_dir, run_dir, store, "checkpoint.every_steps=1")
     root = run_dir / "checkpoints"
     code, log = signal_when(args, tmp_path / "log.txt", lambda: any(root.glob(f"step*/{MARKER}")), signal.SIGTERM)
@@ -204,7 +204,7 @@ def test_sigterm_mid_search_and_in_finetune_then_resume_equals_uninterrupted(ref
 def test_usr1_during_set_up_checkpoints_at_the_first_step(data_dir, tmp_path):
     """SLURM may signal while loaders and the engine are still being built (tens of seconds at
     scale): the handler is installed first, so the run saves at its first step and exits 75."""
-    run_dir, store = tmp_path / "run", sqlite_uri(tmp_path / "mlruns.db")
+    run_dir, store = tmp_path / "run", new_store(tmp_path / "mlruns.db")
     # config.yaml is written before the loaders and the engine are built
     code, text = signal_when(overrides(data_dir, run_dir, store), tmp_path / "log.txt",
                              (run_dir / "config.yaml").exists, signal.SIGUSR1)
@@ -300,7 +300,7 @@ def test_mask_lr_follows_the_schedule_in_the_search_then_freezes(data_dir, tmp_p
     weights' LR restarts at finetune_lr for fine-tuning, and the hardened masks never move."""
     from model.schedules import lr_at
 
-    store = sqlite_uri(tmp_path / "mlruns.db")
+    store = new_store(tmp_path / "mlruns.db")
     run_dir = tmp_path / "run"
     run_train(overrides(data_dir, run_dir, store, "optim.schedule=cosine", "optim.mask_lr=1e-2"))
     client, run = only_run(store)
