@@ -188,7 +188,8 @@ class _Builder:
         for m, (c, h, w) in enumerate(self.maps):
             maps[m] = [off, c * h * w, c, h, w]
             off += c * h * w
-        largest = max([largest, *(c * h * w for c, h, w in self.maps), *(int(np.prod(L["out_chw"])) for L in self.layers)])
+        largest = max(largest, *(c * h * w for c, h, w in self.maps),
+                      *(int(np.prod(L["out_chw"])) for L in self.layers))
         arrays = dict(
             ops=ops, lay=lay, maps=maps,
             ptr=np.concatenate(cat["ptr"]).astype(np.uint64),

@@ -328,5 +328,5 @@ def run_batch(x, T, ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lbase, li
     (`workspace`). One chunk: call `run_chunk` directly, no thread start."""
     for c in prange(chunks.shape[0] - 1):
         run_chunk(x, T, ops, lay, maps, ptr, idx, wts, wts32, bias, lbias, lbase, live, inv_taus, out, sops, rec,
-                  record, groups, voted, logits, chunks[c], chunks[c + 1], c, ev_i, ev_val, ev_cnt, acc, spk, vstate, static, dense,
-                  stamp, xpad, clock)
+                  record, groups, voted, logits, chunks[c], chunks[c + 1], c, ev_i, ev_val, ev_cnt, acc, spk,
+                  vstate, static, dense, stamp, xpad, clock)

@@ -30,11 +30,11 @@ def mask_histogram_png(net: torch.nn.Module, path: str | os.PathLike) -> None:
             kept = float((values > 0).float().mean()) * 100
             counts, edges = np.histogram(values.clamp(-0.2, 0.2).numpy(), bins=80, range=(-0.2, 0.2))
             ax.stairs(counts, edges, fill=True, color="tab:blue")
-            ax.set_yscale("log")
-            ax.set_ylim(0.5, 2.0 * max(1, counts.max()))  # empty bins at the bottom, a bin of 1 shows
+            ax.set_ylim(0.5, 2.0 * max(1, counts.max()))  # log axis: empty bins at the bottom, a bin of 1 shows
             ax.axvline(0, color="tab:red", lw=1)
             ax.set_title(f"{title}: {kept:.2f}% kept (> 0)")
         else:
             ax.set_title(f"{title}: none (ablation)")
+        ax.set_yscale("log")
         ax.set_xlabel("logit (clipped to +-0.2)")
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

@@ -9,6 +9,7 @@ RANK/MASTER_PORT and starts a process group, which must not leak into the pytest
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import os
 import shutil
@@ -65,24 +66,25 @@ def sqlite_uri(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-_store_template: list[Path] = []
+@functools.cache
+def _store_template() -> Path:
+    """One migrated, empty SQLite MLflow store per session (removed at exit)."""
+    from launcher.tracking import ensure_store
+
+    root = Path(tempfile.mkdtemp(prefix="spikeprune-mlflow-template-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    ensure_store(sqlite_uri(root / "mlruns.db"))
+    return root / "mlruns.db"
 
 
 def new_store(path: Path) -> str:
-    """The URI of a new, empty SQLite MLflow store at `path`: a copy of one store made once per
-    session. A store MLflow creates itself runs every schema migration first (2-4 s here, in
-    each test that starts one); the copy is the same real store, already migrated."""
-    if not _store_template:
-        from launcher.tracking import ensure_store
-
-        root = Path(tempfile.mkdtemp(prefix="spikeprune-mlflow-template-"))
-        atexit.register(shutil.rmtree, root, ignore_errors=True)
-        ensure_store(sqlite_uri(root / "mlruns.db"))
-        _store_template.append(root / "mlruns.db")
+    """The URI of a new, empty SQLite MLflow store at `path`: a copy of `_store_template`. A
+    store MLflow creates itself runs every schema migration first (2-4 s here, in each test
+    that starts one); the copy is the same real store, already migrated."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        shutil.copyfile(_store_template[0], path)
+        shutil.copyfile(_store_template(), path)
     return sqlite_uri(path)
 
 
