@@ -378,8 +378,11 @@ def run_phase(ctx: Ctx, phase: str) -> None:
 
 def calibrate_budget(ctx: Ctx) -> None:
     """Budget mode: put the hard-mask SOPs (or energy) on the budget (launcher.budget.calibrate), measured on
-    the validation batches that also select the checkpoint (at most 16 of them)."""
-    n = min(ctx.cfg.eval_batches_limit or 16, 16)
+    the first validation batches, those that also select the checkpoint: at most 8 of them, because
+    a calibration measures up to tens of times, each a whole forward pass with counting hooks (demo:
+    calibrated on 512 images, the selected network was 2.0 % under its budget on the 10,000 test
+    images; on 1,024, 1.1 %)."""
+    n = min(ctx.cfg.eval_batches_limit or 8, 8)
     # Cloned: FFCV refills a batch's buffer a few batches later (data_pipeline.loaders).
     batches = [(x.to(ctx.device, ctx.dtype).clone(),) for x, _ in itertools.islice(ctx.loaders["val"], n)]
     found = ctx.budget.calibrate(ctx.net, batches)
