@@ -115,17 +115,17 @@ class BudgetController:
         of the distinct logits and ends when the bracket holds no logit. Each step interpolates
         log SOPs linearly in rank (a first step with one measured end assumes SOPs proportional
         to the kept masks); a step that does not halve the bracket makes the next a bisection.
-        On the demo's 8 calibrations this took 66 search steps where bisection on tau took 138
-        (each a forward pass over every calibration batch; docs/METHOD.md §4 has the runs); a
-        first measurement already in the band costs no search.
-        SOPs are not quite monotone in tau (a re-added weight can silence a neuron downstream)
-        and jump where many logits sit together (demo: a shift of -1.3e-6 took them from 3.1e4
-        to 6.1e4, and validation top-1 from 0.56 to 0.25), so the band may be stepped over: the
-        answer is then the measured tau closest below the budget (closest above only if nothing
-        measured is under it, e.g. a budget below what no mask removes). Called at hardening and after every fine-tuning epoch, because
-        fine-tuning moves the firing rates (and with them the SOPs) of a fixed subnetwork:
-        every checkpoint the run may select has been measured on the budget right before its
-        validation."""
+        The demo's 8 calibrations took 66-90 search steps where bisection on tau took 138 (each
+        a forward pass over every calibration batch; docs/METHOD.md §4 has the runs); a first
+        measurement already in the band costs none. SOPs are not quite monotone in tau (a
+        re-added weight can silence a neuron downstream) and jump where many logits sit together
+        (demo: a shift of -1.3e-6 took them from 3.1e4 to 6.1e4, and validation top-1 from 0.56
+        to 0.25), so the band may be stepped over: the answer is then the measured tau closest
+        under the budget (closest above only if nothing measured is under it, e.g. a budget
+        below what no mask removes). Called at hardening and after every fine-tuning epoch,
+        because fine-tuning moves the firing rates (and with them the SOPs) of a fixed
+        subnetwork: every checkpoint the run may select has been measured on the budget right
+        before its validation."""
         logits = mask_logits(net)
         original = [p.detach().clone() for p in logits]
         flat = torch.sort(torch.cat([p.flatten() for p in original]).float()).values
