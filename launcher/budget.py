@@ -15,10 +15,10 @@ stays on the budget. With the budget as the target from the first step, lambda w
 while the masks, moving at most the mask LR per step under Adam, were still far above it, and
 then the whole network fell silent at once (demo recipe, 4e4 budget: every logit negative by
 step 190 of 600, and at beta in the hundreds a dead mask receives no gradient to come back).
-That brings the search near the budget; landing on it is the job
-of `calibrate`: at hardening and after every fine-tuning epoch, one common shift of the logits,
-found by a search over the ranks of the logits on the calibration batches (the first validation
-batches: SOPs need no labels), puts the hard-mask SOPs in [(1 - tolerance) budget, budget]. The rule "kept iff
+That brings the search near the budget; landing on it is the job of `calibrate`: at hardening
+and after every fine-tuning epoch, one common shift of the logits, found by a search over the
+ranks of the logits on the calibration batches (the first validation batches: SOPs need no
+labels), puts the hard-mask SOPs in [(1 - tolerance) budget, budget]. The rule "kept iff
 alpha > 0" stays true after the shift, so every report and saved mask reads it unchanged.
 """
 

@@ -169,16 +169,16 @@ def test_password_in_tracking_uri_is_stored_and_printed_nowhere(secret_run):
                                   f"pass --tracking-uri URI (or set MLFLOW_TRACKING_URI)")
 
     # Sent later to a store: its database and artifacts hold no password either.
-    from helpers_train import new_store, sqlite_uri
+    from helpers_train import new_store
     from mlflow import MlflowClient
 
     store = secret_run["base"] / "store"
-    store.mkdir()
-    out = subprocess.run([*up, "--tracking-uri", new_store(store / "mlruns.db")], cwd=REPO, env=clean_env(),
+    uri = new_store(store / "mlruns.db")
+    out = subprocess.run([*up, "--tracking-uri", uri], cwd=REPO, env=clean_env(),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert PASSWORD not in out.stdout + out.stderr
-    run = MlflowClient(sqlite_uri(store / "mlruns.db")).get_run((run_dir / "mlflow_run_id").read_text().strip())
+    run = MlflowClient(uri).get_run((run_dir / "mlflow_run_id").read_text().strip())
     assert run.data.params["tracking.tracking_uri"] == redacted and "test_top1" in run.data.metrics
     assert (store / "mlartifacts").is_dir() and _files_holding(store, PASSWORD.encode()) == []
 
