@@ -55,7 +55,7 @@ class EventEngine:
     def _input(self, x) -> np.ndarray:
         """[N, input steps, input size], float32 or float64 as given (the kernel reads either
         into float64)."""
-        x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        x = x.numpy(force=True) if isinstance(x, torch.Tensor) else np.asarray(x)  # force: detach, to CPU
         shape = self.program.input_shape
         if tuple(x.shape[1:]) != shape:
             raise DeployError(f"input of shape {tuple(x.shape)}: the network takes [N, {', '.join(map(str, shape))}]")
