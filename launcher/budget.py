@@ -18,8 +18,10 @@ step 190 of 600, and at beta in the hundreds a dead mask receives no gradient to
 That brings the search near the budget; landing on it is the job of `calibrate`: at hardening
 and after every fine-tuning epoch, one common shift of the logits, found by a search over the
 ranks of the logits on the calibration batches (the first validation batches: SOPs need no
-labels), puts the hard-mask SOPs in [(1 - tolerance) budget, budget]. The rule "kept iff
-alpha > 0" stays true after the shift, so every report and saved mask reads it unchanged.
+labels), puts the hard-mask SOPs in [(1 - tolerance) budget, budget] (launcher.train then
+re-estimates BatchNorm's running statistics if the kept set moved, and calibrates again). The
+rule "kept iff alpha > 0" stays true after the shift, so every report and saved mask reads it
+unchanged.
 """
 
 from __future__ import annotations

@@ -376,22 +376,61 @@ def run_phase(ctx: Ctx, phase: str) -> None:
             ctx.reporter({"phase": phase, "epoch": epoch, "step": state.step, **metrics})
 
 
-def calibrate_budget(ctx: Ctx) -> None:
+def calibrate_budget(ctx: Ctx, rounds: int = 3) -> None:
     """Budget mode: put the hard-mask SOPs (or energy) on the budget (launcher.budget.calibrate), measured on
     the first validation batches, those that also select the checkpoint: at most 8 of them, because
     a calibration measures up to tens of times, each a whole forward pass with counting hooks (demo:
     calibrated on 512 images, the selected network was 2.0 % under its budget on the 10,000 test
-    images; on 1,024, 1.1 %)."""
+    images; on 1,024, 1.1 %).
+
+    A calibration that moves the kept set leaves BatchNorm's running statistics those of the network
+    before it, and the checkpoint is validated (and may be selected) right after: the statistics
+    are re-estimated on the same batches (`reestimate_batchnorm`), which moves the firing and so the
+    SOPs, then calibrated again, until a calibration keeps the set (at most `rounds`). Demo network,
+    15 % of its kept masks removed at random: validation top-1 0.39 with the old statistics, 0.63
+    re-estimated (docs/METHOD.md §4)."""
     n = min(ctx.cfg.eval_batches_limit or 8, 8)
     # Cloned: FFCV refills a batch's buffer a few batches later (data_pipeline.loaders).
     batches = [(x.to(ctx.device, ctx.dtype).clone(),) for x, _ in itertools.islice(ctx.loaders["val"], n)]
-    found = ctx.budget.calibrate(ctx.net, batches)
+    rounds_found = []
+    for _ in range(rounds):
+        rounds_found.append(ctx.budget.calibrate(ctx.net, batches))
+        if rounds_found[-1]["budget_tau"] == 0.0:
+            break
+        reestimate_batchnorm(ctx.net, batches)
+    r = len(rounds_found) - 1
+    found = {**rounds_found[-1], **{k: v for k, v in rounds_found[0].items() if k.endswith("_before")},
+             "budget_calibration_iters": sum(f["budget_calibration_iters"] for f in rounds_found),
+             "budget_rounds": float(r + 1)}
     ctx.tracker.log_metrics(found, step=ctx.state.step)
     if is_primary():
         unit = "sops" if ctx.budget.energy_model is None else "energy_pj"
         name = "SOPs/sample" if unit == "sops" else f"pJ/sample ({ctx.budget.energy_model})"
         print(f"[budget] {name} {found[f'budget_{unit}_before']:.4g} -> {found[f'budget_{unit}_after']:.4g} "
-              f"(budget {ctx.budget.budget:.4g}, logit shift {found['budget_tau']:.3g})", flush=True)
+              f"(budget {ctx.budget.budget:.4g}, last logit shift {found['budget_tau']:.3g}, "
+              f"{r + 1} round{'s' if r else ''})", flush=True)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(net: torch.nn.Module, batches: list) -> None:
+    """BatchNorm running statistics as the plain mean over `batches` (labels unused) of the network as
+    it is now; only the BatchNorm layers run in training mode. Averaged over ranks after."""
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    try:
+        for (x,) in batches:
+            net(x)
+    finally:
+        for m, (momentum, training) in zip(bns, saved):
+            m.momentum = momentum
+            m.train(training)
+    sync_buffers(net)
 
 
 def harden_subnetwork(ctx: Ctx) -> None:

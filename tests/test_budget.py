@@ -172,3 +172,29 @@ def test_energy_budget_config():
         from_dict({"pruning": {"energy_model": "truenorth"}})
     with pytest.raises(ValueError, match="unknown energy model"):
         BudgetController(1e6, 1e-11, 1e-11, energy_model="truenorth")
+
+
+def test_reestimated_batchnorm_is_the_mean_of_the_batch_statistics(batches):
+    """After a calibration moves the kept set: running mean / variance of every BatchNorm = the
+    mean over the batches of that layer's batch mean / unbiased variance, with the network as
+    it is now; momentum and modes are restored."""
+    from launcher.train import reestimate_batchnorm
+
+    net = small_net().eval()
+    set_logits(net)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    seen = {id(m): [] for m in bns}
+    hooks = [m.register_forward_pre_hook(lambda mod, a: seen[id(mod)].append(a[0].detach().clone())) for m in bns]
+    reestimate_batchnorm(net, batches)
+    for h in hooks:
+        h.remove()
+    for m in bns:
+        xs = seen[id(m)]
+        assert len(xs) == len(batches)
+        mean = torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0)
+        var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in xs]).mean(0)
+        assert torch.allclose(m.running_mean, mean, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(m.running_var, var, rtol=1e-5, atol=1e-6)
+        assert m.momentum == 0.1 and not m.training
+    assert not net.training
