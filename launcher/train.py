@@ -398,17 +398,17 @@ def calibrate_budget(ctx: Ctx, rounds: int = 3) -> None:
         if rounds_found[-1]["budget_tau"] == 0.0:
             break
         reestimate_batchnorm(ctx.net, batches)
-    r = len(rounds_found) - 1
+    n_rounds = len(rounds_found)
     found = {**rounds_found[-1], **{k: v for k, v in rounds_found[0].items() if k.endswith("_before")},
              "budget_calibration_iters": sum(f["budget_calibration_iters"] for f in rounds_found),
-             "budget_rounds": float(r + 1)}
+             "budget_rounds": float(n_rounds)}
     ctx.tracker.log_metrics(found, step=ctx.state.step)
     if is_primary():
         unit = "sops" if ctx.budget.energy_model is None else "energy_pj"
         name = "SOPs/sample" if unit == "sops" else f"pJ/sample ({ctx.budget.energy_model})"
         print(f"[budget] {name} {found[f'budget_{unit}_before']:.4g} -> {found[f'budget_{unit}_after']:.4g} "
               f"(budget {ctx.budget.budget:.4g}, last logit shift {found['budget_tau']:.3g}, "
-              f"{r + 1} round{'s' if r else ''})", flush=True)
+              f"{n_rounds} round{'s' if n_rounds > 1 else ''})", flush=True)
 
 
 @torch.no_grad()
